@@ -1,0 +1,84 @@
+"""ALBEF pre-training: ITC + ITM + MLM with momentum distillation.
+
+    python Pretrain.py --config configs/toy/Pretrain.yaml --output_dir output/toy_pretrain
+    torchrun --nproc_per_node=8 Pretrain.py --config configs/Pretrain.yaml --output_dir output/pretrain
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+
+import utils
+from dataset import PretrainDataset, build_transform, create_loader
+from models.albef import ALBEFConfig
+from models.checkpoint import init_from_pretrained
+from models.model_pretrain import ALBEFPretrain
+from models.tokenizer import TextTokenizer
+
+logger = logging.getLogger("albef.pretrain")
+
+# Every accepted key with its default; this dict is the schema (unknown keys are rejected).
+DEFAULTS: dict[str, Any] = {
+    **utils.COMMON_DEFAULTS,
+    "train_file": [],  # JSON files of {image: path, caption: str | [str]}
+    "image_root": "",  # joined with relative image paths (official files hold absolute ones)
+    "image_res": 256,
+    "embed_dim": 256,
+    "batch_size": 64,  # per GPU
+    "temp": 0.07,
+    "mlm_probability": 0.15,
+    "queue_size": 65536,
+    "momentum": 0.995,
+    "alpha": 0.4,
+    "max_words": 30,  # words kept by pre_caption
+    "max_tokens": 25,  # tokenizer length incl. [CLS]
+    "crop_scale": [0.2, 1.0],  # RandomResizedCrop scale
+    "warm_up": True,  # ramp alpha over epoch 0 (always on in the official pre-training)
+    "vit_init": "",  # DeiT-B/16 ImageNet checkpoint (.pth) for the ViT, '' for none
+    "bert_init": False,  # initialise BERT from --text_encoder (local folder or HF cache)
+    "optimizer": {"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02},
+    "schedular": {"sched": "cosine", "lr": 1e-4, "epochs": 30, "min_lr": 1e-5, "decay_rate": 1,
+                  "warmup_lr": 1e-5, "warmup_epochs": 20, "cooldown_epochs": 0},
+}
+
+
+def build_model(config: dict, tokenizer: TextTokenizer, text_encoder: str) -> ALBEFPretrain:
+    """The pre-training model, initialised from DeiT / BERT weights when the config asks for it."""
+    model = ALBEFPretrain(ALBEFConfig.from_config(config), tokenizer.pad_token_id, tokenizer.cls_token_id,
+                          tokenizer.mask_token_id)
+    init_from_pretrained(model, vit_init=config["vit_init"], bert_init=text_encoder if config["bert_init"] else "")
+    return model
+
+
+def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device):
+    """Batch -> named losses. The batch is (images (B, 3, R, R), captions list[str])."""
+
+    def step(model: torch.nn.Module, batch: tuple, alpha: float) -> dict[str, torch.Tensor]:
+        image, captions = batch
+        text = tokenizer(captions, max_length=config["max_tokens"]).to(device, non_blocking=True)
+        return model(image.to(device, non_blocking=True), text.input_ids, text.attention_mask, alpha=alpha)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run pre-training; returns the last epoch's averaged stats."""
+    args = utils.get_parser(__doc__).parse_args(argv)
+    config, device = utils.setup_run(args, DEFAULTS)
+    utils.check_itm_batch(config["batch_size"], "batch_size")
+    tokenizer = TextTokenizer(args.text_encoder)
+    transform = build_transform("pretrain", config["image_res"], crop_scale=tuple(config["crop_scale"]))
+    dataset = PretrainDataset(config["train_file"], transform, config["max_words"], config["image_root"])
+    logger.info("%d image-text items from %d file(s)", len(dataset), len(config["train_file"]))
+    model = build_model(config, tokenizer, args.text_encoder)
+    loader = create_loader(dataset, config["batch_size"], config["num_workers"], shuffle=True, seed=args.seed,
+                           drop_last=True, rank=utils.get_rank(), world_size=utils.get_world_size())
+    return utils.fit(model, loader, make_step_fn(tokenizer, config, device), config, args, device)
+
+
+if __name__ == "__main__":
+    sys.exit(utils.run_main(main))

@@ -1,0 +1,256 @@
+"""Annotation schema checks that fail early, before any GPU time is spent.
+
+Every problem becomes a :class:`DataError` whose message names the file and,
+where relevant, the item index and key. The annotation formats are those of
+the official ALBEF JSON files (a JSON list of dicts; extra keys allowed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from dataset.caption import pre_caption
+from dataset.image_io import ImageLoadError, load_image
+
+logger = logging.getLogger(__name__)
+
+TypeSpec = type | tuple[type, ...]
+
+PRETRAIN_SCHEMA: dict[str, TypeSpec] = {"image": str, "caption": (str, list)}
+RETRIEVAL_TRAIN_SCHEMA: dict[str, TypeSpec] = {
+    "image": str,
+    "caption": str,
+    "image_id": (str, int, float),
+}
+RETRIEVAL_EVAL_SCHEMA: dict[str, TypeSpec] = {"image": str, "caption": list}
+
+# How many unreadable images are listed per file before summarising.
+_MAX_LISTED_IMAGES = 20
+
+
+class DataError(ValueError):
+    """An annotation file or item does not match the expected schema."""
+
+
+def _where(path: str, index: int | None = None, key: str | None = None) -> str:
+    """Location prefix ``file[, item i][, key 'k']`` for error messages."""
+    loc = f"{path}"
+    if index is not None:
+        loc += f", item {index}"
+    if key is not None:
+        loc += f", key {key!r}"
+    return loc
+
+
+def _type_names(spec: TypeSpec) -> str:
+    types = spec if isinstance(spec, tuple) else (spec,)
+    return " or ".join(t.__name__ for t in types)
+
+
+def _is_instance(value: Any, spec: TypeSpec) -> bool:
+    """``isinstance`` that does not accept bools where only int/float is asked for."""
+    types = spec if isinstance(spec, tuple) else (spec,)
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def read_json(path: str) -> Any:
+    """Parse a JSON file, turning every I/O and syntax failure into DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read file: {err.strerror or err}") from err
+
+
+def _check_text(path: str, index: int, key: str, value: Any) -> None:
+    """A caption (str or list of str) must be non-empty after ``pre_caption``."""
+    texts = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise DataError(f"{_where(path, index, key)}: empty caption list")
+    for j, text in enumerate(texts):
+        sub = f"{key}[{j}]" if isinstance(value, list) else key
+        if not isinstance(text, str):
+            raise DataError(
+                f"{_where(path, index, sub)}: expected str, got {type(text).__name__}"
+            )
+        if not pre_caption(text).strip():
+            raise DataError(
+                f"{_where(path, index, sub)}: caption is empty after cleaning "
+                f"(raw value {text[:60]!r})"
+            )
+
+
+def _check_item(
+    path: str,
+    index: int,
+    item: Any,
+    required: Mapping[str, TypeSpec],
+    text_keys: Iterable[str],
+) -> None:
+    """Check one annotation item: a dict with the required keys and types."""
+    if not isinstance(item, dict):
+        raise DataError(
+            f"{_where(path, index)}: expected a JSON object, got {type(item).__name__}"
+        )
+    for key, spec in required.items():
+        if key not in item:
+            raise DataError(
+                f"{_where(path, index)}: missing required key {key!r} "
+                f"(item keys: {sorted(item)})"
+            )
+        if not _is_instance(item[key], spec):
+            raise DataError(
+                f"{_where(path, index, key)}: expected {_type_names(spec)}, "
+                f"got {type(item[key]).__name__} ({str(item[key])[:60]!r})"
+            )
+    if isinstance(item.get("image"), str) and not item["image"].strip():
+        raise DataError(f"{_where(path, index, 'image')}: empty image path")
+    for key in text_keys:
+        if key in required:
+            _check_text(path, index, key, item[key])
+
+
+def load_annotations(
+    path: str,
+    required: Mapping[str, TypeSpec],
+    text_keys: Sequence[str] = ("caption",),
+) -> list[dict]:
+    """Load a JSON annotation file and validate every item.
+
+    Args:
+        path: JSON file holding a list of dicts.
+        required: key -> allowed type(s) every item must have; extra keys are allowed.
+        text_keys: required keys holding captions (str or list of str) that must
+            not be empty after ``pre_caption``.
+
+    Returns:
+        The list of items.
+
+    Raises:
+        DataError: naming the file (and item index and key) on any problem.
+    """
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(
+            f"{path}: top level must be a JSON list of items, got {type(data).__name__}"
+        )
+    for index, item in enumerate(data):
+        _check_item(path, index, item, required, text_keys)
+    logger.debug("%s: %d items valid", path, len(data))
+    return data
+
+
+def load_annotation_files(
+    paths: str | Sequence[str],
+    required: Mapping[str, TypeSpec],
+    text_keys: Sequence[str] = ("caption",),
+) -> list[dict]:
+    """Load and concatenate several annotation files (a single path is accepted)."""
+    if isinstance(paths, str):
+        paths = [paths]
+    items: list[dict] = []
+    for path in paths:
+        items.extend(load_annotations(path, required, text_keys))
+    return items
+
+
+def _check_images(path: str, items: list[dict], image_root: str) -> list[str]:
+    """Try to decode every distinct image of ``items``; describe the failures."""
+    image_paths = dict.fromkeys(os.path.join(image_root, it["image"]) for it in items)
+    failures: list[str] = []
+    for image_path in image_paths:
+        try:
+            load_image(image_path)
+        except ImageLoadError as err:
+            failures.append(f"{path}: {err}")
+    logger.info(
+        "%s: %d images checked, %d unreadable", path, len(image_paths), len(failures)
+    )
+    if len(failures) > _MAX_LISTED_IMAGES:
+        rest = len(failures) - _MAX_LISTED_IMAGES
+        failures = [
+            *failures[:_MAX_LISTED_IMAGES],
+            f"{path}: ... and {rest} more unreadable images",
+        ]
+    return failures
+
+
+def _task_files(
+    config: Mapping[str, Any], task: str
+) -> tuple[list[tuple[str, Any]], list[str]]:
+    """(file, schema) pairs a task reads, plus problems with the config keys."""
+    problems: list[str] = []
+    pairs: list[tuple[str, Any]] = []
+
+    def files_of(key: str, want_list: bool) -> list[str]:
+        if key not in config:
+            problems.append(f"config: missing key {key!r}")
+            return []
+        value = config[key]
+        if want_list and isinstance(value, str):
+            value = [value]
+        ok = isinstance(value, list) if want_list else isinstance(value, str)
+        if not ok or (want_list and not all(isinstance(v, str) for v in value)):
+            kind = "a list of paths" if want_list else "one path (a string)"
+            problems.append(f"config: {key!r} must be {kind}, got {value!r}")
+            return []
+        return value if want_list else [value]
+
+    if task == "pretrain":
+        pairs += [(f, PRETRAIN_SCHEMA) for f in files_of("train_file", True)]
+    elif task == "retrieval":
+        pairs += [(f, RETRIEVAL_TRAIN_SCHEMA) for f in files_of("train_file", True)]
+        for key in ("val_file", "test_file"):
+            pairs += [(f, RETRIEVAL_EVAL_SCHEMA) for f in files_of(key, False)]
+        if not isinstance(config.get("image_root"), str):
+            problems.append(
+                f"config: 'image_root' must be a string, got {config.get('image_root')!r}"
+            )
+    else:
+        raise ValueError(f"unknown task {task!r}; expected 'pretrain' or 'retrieval'")
+    return pairs, problems
+
+
+def validate_config_files(
+    config: Mapping[str, Any], task: str, check_images: bool = False
+) -> list[str]:
+    """Validate every annotation file a task's config refers to.
+
+    Args:
+        config: the parsed YAML config.
+        task: ``'pretrain'`` (``train_file``) or ``'retrieval'`` (``train_file``,
+            ``val_file``, ``test_file`` and ``image_root``).
+        check_images: also decode every referenced image with :func:`load_image`.
+
+    Returns:
+        Human-readable problems; an empty list means the data is usable.
+    """
+    pairs, problems = _task_files(config, task)
+    image_root = config.get("image_root") or ""
+    image_root = image_root if isinstance(image_root, str) else ""
+    for path, schema in pairs:
+        try:
+            items = load_annotations(path, schema)
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        logger.info("%s: %d items, schema OK", path, len(items))
+        if check_images:
+            problems += _check_images(path, items, image_root)
+    return problems

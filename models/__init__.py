@@ -1,0 +1,1 @@
+"""ALBEF models: encoders (``vit``, ``bert``), the shared body (``albef``), losses and task models."""

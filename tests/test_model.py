@@ -1,0 +1,134 @@
+"""Model core: tiny forward/backward, EMA, queue ring buffer, ITM sampling wiring, checkpoint manifests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_albef
+from models.albef import ALBEFConfig
+from models.bert import BertConfig
+from models.checkpoint import load_weights
+from models.model_pretrain import ALBEFPretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MANIFESTS = os.path.join(os.path.dirname(ROOT), "shared", "checkpoints")
+
+
+def read_manifest(name: str) -> list[tuple[str, list[int], str, str | None]]:
+    rows = []
+    with open(os.path.join(MANIFESTS, name), encoding="utf-8") as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            shape = [int(x) for x in parts[1].strip("[]").split(",") if x.strip()]
+            tied = parts[3].removeprefix("tied_to=") if len(parts) > 3 else None
+            rows.append((parts[0], shape, parts[2], tied))
+    return rows
+
+
+def state_from_manifest(rows: list) -> dict[str, torch.Tensor]:
+    dtypes = {"float32": torch.float32, "int64": torch.int64}
+    state: dict[str, torch.Tensor] = {}
+    for i, (key, shape, dtype, tied) in enumerate(rows):
+        state[key] = state[tied] if tied else torch.full(shape, float(i % 7), dtype=dtypes[dtype])
+    return state
+
+
+def batch(bs: int = 4, res: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1000, 3000, (bs, 7))
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    ids[0, 5:] = 0
+    mask[0, 5:] = 0
+    return torch.randn(bs, 3, res, res), ids, mask
+
+
+@pytest.mark.parametrize("bs", [1, 2, 5])
+def test_pretrain_forward_backward(bs: int) -> None:
+    model = ALBEFPretrain(tiny_albef())
+    image, ids, mask = batch(bs)
+    out = model(image, ids, mask, alpha=0.4)
+    assert set(out) == {"loss_ita", "loss_itm", "loss_mlm"}
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in out.values())
+    sum(out.values()).backward()
+    assert model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.text_encoder.bert.encoder.layer[3].crossattention.self.key.weight.grad.abs().sum() > 0
+    assert model.temp.grad is not None
+    assert all(p.grad is None for p in model.visual_encoder_m.parameters())
+
+
+def test_temperature_is_clamped() -> None:
+    model = ALBEFPretrain(tiny_albef())
+    with torch.no_grad():
+        model.temp.fill_(1e-5)
+    model(*batch(), alpha=0.0)
+    assert model.temp.item() == pytest.approx(0.001)
+
+
+def test_momentum_update_is_an_in_place_ema() -> None:
+    model = ALBEFPretrain(tiny_albef(momentum=0.9))
+    p, p_m = model.vision_proj.weight, model.vision_proj_m.weight
+    storage = p_m.data_ptr()
+    with torch.no_grad():
+        p.fill_(1.0)
+        p_m.fill_(0.0)
+    model.momentum_update()
+    assert torch.allclose(p_m, torch.full_like(p_m, 0.1))
+    assert p_m.data_ptr() == storage
+    # the tied decoder weight of the momentum MLM head follows its embedding
+    twin = model.text_encoder_m
+    assert twin.cls.predictions.decoder.weight is twin.bert.embeddings.word_embeddings.weight
+
+
+def test_queue_is_a_ring_buffer_for_any_batch_size() -> None:
+    model = ALBEFPretrain(tiny_albef(queue_size=5, embed_dim=2))
+    a = torch.arange(6, dtype=torch.float).view(3, 2)
+    b = torch.arange(100, 106, dtype=torch.float).view(3, 2)
+    model.enqueue(a, -a)
+    assert model.queue_ptr.item() == 3
+    model.enqueue(b, -b)  # columns 3, 4 and then 0 (wrap-around)
+    assert model.queue_ptr.item() == 1
+    q = model.image_queue
+    assert torch.equal(q[:, 3], b[0]) and torch.equal(q[:, 4], b[1]) and torch.equal(q[:, 0], b[2])
+    assert torch.equal(q[:, 1], a[1]) and torch.equal(model.text_queue[:, 0], -b[2])
+    big = torch.arange(14, dtype=torch.float).view(7, 2)
+    model.enqueue(big, big)  # larger than the queue: the last 5 rows stay
+    assert model.queue_ptr.item() == 1
+    assert sorted(q[0].tolist()) == [4.0, 6.0, 8.0, 10.0, 12.0]
+
+
+def test_contrastive_targets_at_alpha_zero_are_the_diagonal() -> None:
+    model = ALBEFPretrain(tiny_albef())
+    feats = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    loss, sim_i2t, sim_t2i = model.contrastive(feats, feats, feats, feats, alpha=0.0)
+    ce = torch.nn.functional.cross_entropy
+    expected = (ce(sim_i2t, torch.arange(3)) + ce(sim_t2i, torch.arange(3))) / 2  # one-hot targets
+    assert sim_i2t.shape == (3, 3 + 12)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_released_pretrain_checkpoint_loads_strictly_at_full_size() -> None:
+    rows = read_manifest("albef_base_pretrain_keys.txt")
+    config = ALBEFConfig(bert=BertConfig.from_json(os.path.join(ROOT, "configs", "config_bert.json")))
+    model = ALBEFPretrain(config)
+    state = state_from_manifest(rows)
+    assert list(model.state_dict()) == [r[0] for r in rows]
+    model.load_state_dict(state, strict=True)
+    assert torch.equal(model.text_encoder.cls.predictions.decoder.weight,
+                       state["text_encoder.bert.embeddings.word_embeddings.weight"])
+    assert model.visual_encoder.pos_embed.shape == (1, 257, 768)
+
+
+def test_loader_initialises_missing_momentum_and_interpolates_pos_embed() -> None:
+    source = ALBEFPretrain(tiny_albef(image_res=32))
+    state = {k: v for k, v in source.state_dict().items() if "_m." not in k}
+    target = ALBEFPretrain(tiny_albef(image_res=48))
+    report = load_weights(target, state)
+    assert not report.suspicious
+    assert set(report.momentum_initialised) == {"visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m"}
+    assert target.visual_encoder.pos_embed.shape == (1, 1 + 36, 32)
+    assert torch.equal(target.visual_encoder.pos_embed[:, 0], source.visual_encoder.pos_embed[:, 0])
+    assert torch.equal(target.visual_encoder_m.pos_embed, target.visual_encoder.pos_embed)
+    assert torch.equal(target.text_proj_m.weight, source.text_proj.weight)
