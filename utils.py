@@ -666,7 +666,7 @@ def setup_run(args: argparse.Namespace, defaults: dict) -> tuple[dict, torch.dev
     if device.type == "cuda" and args.distributed:
         device = torch.device("cuda", args.gpu)
     if config.get("toy_world"):
-        if is_main_process():
+        if is_main_process() and not os.path.isfile(os.path.join(config["toy_world"], "manifest.json")):
             from dataset.toy_world import ensure_toy_world
             ensure_toy_world(config["toy_world"])
         barrier()

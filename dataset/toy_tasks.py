@@ -111,12 +111,13 @@ QA = tuple[str, str, str]  # (question, answer, answer type)
 
 def _qa_count(scene: Scene, rng: random.Random) -> QA | None:
     kind = rng.randrange(3)
+    obj = rng.choice(scene.objects)  # ask mostly about present attributes: fewer "0" answers
+    color = obj.color if rng.random() < 0.7 else rng.choice(tuple(COLORS))
+    shape = obj.shape if rng.random() < 0.7 else rng.choice(SHAPES)
     if kind == 0:
         return "how many shapes are there", str(len(scene.objects)), "count"
     if kind == 1:
-        color = rng.choice(tuple(COLORS))
         return f"how many {color} shapes are there", str(scene.count(color=color)), "count"
-    shape = rng.choice(SHAPES)
     return f"how many {PLURALS[shape]} are there", str(scene.count(shape=shape)), "count"
 
 

@@ -220,13 +220,24 @@ def corrupt_caption(scene: Scene, rng: random.Random) -> str:
 
 # ----------------------------------------------------------------------------- writing
 def _scenes(seed: int, counts: dict[str, int], image_size: int) -> dict[str, list[Scene]]:
+    """All scenes, with integer ids 0..N-1 in split order.
+
+    Val/test scenes get object signatures unique within their split where possible, so each
+    retrieval query has one right image.
+    """
     rng = random.Random(seed)
     out: dict[str, list[Scene]] = {}
     image_id = 0
     for split, n in counts.items():
-        out[split] = []
+        out[split], seen = [], set()
         for index in range(n):
-            out[split].append(sample_scene(rng, image_id, split, index, image_size))
+            for _ in range(50):
+                scene = sample_scene(rng, image_id, split, index, image_size)
+                signature = frozenset((o.color, o.shape, o.size) for o in scene.objects)
+                if split == "train" or signature not in seen:
+                    break
+            seen.add(signature)
+            out[split].append(scene)
             image_id += 1
     return out
 
@@ -331,7 +342,7 @@ def _manifest_matches(root: Path, params: dict[str, int]) -> bool:
 
 
 def _install(tmp: Path, root: Path, params: dict[str, int]) -> None:
-    """Atomically move the finished world into place, replacing a stale toy world only."""
+    """Rename the finished world into place; only a stale toy world (or empty dir) is replaced."""
     if root.exists():
         if _manifest_matches(root, params):  # another process finished first
             return

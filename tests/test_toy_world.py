@@ -304,3 +304,12 @@ def test_refuses_to_overwrite_foreign_directory(tmp_path: Path) -> None:
         ensure_toy_world(str(tmp_path / "mine"), **{**SMALL, "n_train": 4, "n_val": 2, "n_test": 2})
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_existing_empty_directory_is_used(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    root = ensure_toy_world(
+        str(tmp_path / "empty"), **{**SMALL, "n_train": 4, "n_val": 2, "n_test": 2}
+    )
+    assert root == str(tmp_path / "empty") and (tmp_path / "empty" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
