@@ -56,8 +56,9 @@ class ALBEFPretrain(ALBEFBase):
         Returns the loss and the online similarities sim_i2t, sim_t2i (B, B + Q).
         """
         with torch.no_grad():
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)  # (E, B + Q)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
+            # torch.cat copies the queues, so the in-place enqueue after the loss cannot alter them
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue], dim=1)  # (E, B + Q)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
             sim_i2t_m = image_feat_m @ text_feat_all / self.temp
             sim_t2i_m = text_feat_m @ image_feat_all / self.temp
             hard = torch.zeros_like(sim_i2t_m)

@@ -39,7 +39,8 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float) -> li
 def create_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.AdamW:
     """Build AdamW from the official ``optimizer`` block ``{opt: adamW, lr, weight_decay}``.
 
-    Only AdamW is supported. The fused CUDA kernel is used when every trainable parameter is on CUDA.
+    Only AdamW is supported. The fused kernel (CPU or CUDA) is used when every trainable parameter is on one
+    device type: on CPU it is several times faster than the per-tensor loop.
     """
     opt = str(cfg.get("opt", "adamW"))
     if opt.lower() != "adamw":
@@ -50,7 +51,7 @@ def create_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.AdamW:
     params = [p for group in groups for p in group["params"]]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    fused = all(p.is_cuda for p in params)
+    fused = len({p.device.type for p in params}) == 1 and params[0].device.type in ("cpu", "cuda")
     logger.info(
         "AdamW lr=%g weight_decay=%g: %d tensors with decay, %d without, fused=%s",
         lr, weight_decay, len(groups[1]["params"]), len(groups[0]["params"]), fused,

@@ -45,11 +45,11 @@ def test_group_membership_and_weight_decay() -> None:
     assert not frozen & (_ids(no_decay) | _ids(decay))
 
 
-def test_lr_from_config_and_fused_off_on_cpu() -> None:
+def test_lr_from_config_and_fused_kernel_on_cpu() -> None:
     opt = create_optimizer({"opt": "adamw", "lr": 3e-5, "weight_decay": 0.05}, Tiny())
     assert isinstance(opt, torch.optim.AdamW)
     assert all(g["lr"] == 3e-5 for g in opt.param_groups)
-    assert not opt.defaults.get("fused")
+    assert opt.defaults.get("fused") is True
 
 
 def test_no_weight_decay_hook_is_honoured() -> None:

@@ -331,13 +331,13 @@ def test_rng_state_round_trip_through_checkpoint(tmp_path) -> None:
 
 
 class FakeLoader:
-    """Yields ``batches[start:]`` while ``len`` reports the full epoch, like a resumed sampler."""
+    """Yields ``batches[start:]`` and reports their number, like a loader whose sampler skips ``start``."""
 
     def __init__(self, batches: list, start: int = 0) -> None:
         self.batches, self.start = batches, start
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.batches) - self.start
 
     def __iter__(self):
         return iter(self.batches[self.start:])
