@@ -40,7 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "warm_up": True,  # ramp alpha over epoch 0 (always on in the official pre-training)
     "vit_init": "",  # DeiT-B/16 ImageNet checkpoint (.pth) for the ViT, '' for none
     "bert_init": False,  # initialise BERT from --text_encoder (local folder or HF cache)
-    "optimizer": {"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02},
+    # temp_lr_scale: lr multiplier of the learnable temperature (1: official)
+    "optimizer": {"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02, "temp_lr_scale": 1.0},
     "schedular": {"sched": "cosine", "lr": 1e-4, "epochs": 30, "min_lr": 1e-5, "decay_rate": 1,
                   "warmup_lr": 1e-5, "warmup_epochs": 20, "cooldown_epochs": 0},
 }

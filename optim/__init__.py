@@ -48,6 +48,13 @@ def create_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.AdamW:
     lr = float(cfg["lr"])
     weight_decay = float(cfg.get("weight_decay", 0.0))
     groups = param_groups_weight_decay(model, weight_decay)
+    temp_scale = float(cfg.get("temp_lr_scale", 1.0))
+    if temp_scale != 1.0 and isinstance(getattr(model, "temp", None), torch.nn.Parameter):
+        # Adam moves a scalar by about lr per step whatever its gradient: at a from-scratch lr the temperature
+        # can fall from 0.1 to the 0.001 clamp within a few hundred steps. The official code has no such group.
+        groups[1]["params"] = [p for p in groups[1]["params"] if p is not model.temp]
+        groups.append({"params": [model.temp], "weight_decay": weight_decay, "lr": lr * temp_scale,
+                       "lr_scale": temp_scale})
     params = [p for group in groups for p in group["params"]]
     if not params:
         raise ValueError("the model has no trainable parameters")

@@ -47,7 +47,8 @@ class WarmupCosineScheduler:
         if self.epochs <= 0 or self.warmup_steps < 0:
             raise ValueError(f"schedular needs epochs > 0 and warmup_epochs >= 0, got {self.epochs}, "
                              f"{self.warmup_steps}")
-        self.base_lrs = [float(g.setdefault("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        self.base_lrs = [float(g.setdefault("initial_lr", g["lr"] / g.get("lr_scale", 1.0)))
+                         for g in optimizer.param_groups]
         if "lr" in cfg and not math.isclose(float(cfg["lr"]), self.base_lrs[0]):
             logger.warning("schedular.lr=%g differs from optimizer.lr=%g; the peak lr is optimizer.lr as in the "
                            "official code", float(cfg["lr"]), self.base_lrs[0])
@@ -76,7 +77,7 @@ class WarmupCosineScheduler:
         """Set every param group's lr for iteration ``step`` of ``epoch`` and return the first group's."""
         t = self._timm_t(epoch, step)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = self._value(t, base_lr)
+            group["lr"] = self._value(t, base_lr) * group.get("lr_scale", 1.0)
         self.last_epoch, self.last_step = epoch, step
         return self.optimizer.param_groups[0]["lr"]
 

@@ -62,3 +62,17 @@ def test_no_weight_decay_hook_is_honoured() -> None:
 def test_rejects_other_optimizers() -> None:
     with pytest.raises(ValueError, match="only 'adamW'"):
         create_optimizer({"opt": "sgd", "lr": 0.1, "weight_decay": 0.0}, Tiny())
+
+
+def test_temp_lr_scale_puts_the_temperature_in_a_scaled_group() -> None:
+    from scheduler import create_scheduler
+
+    model = Tiny()
+    model.temp = torch.nn.Parameter(torch.tensor(0.07))
+    opt = create_optimizer({"opt": "adamW", "lr": 1e-3, "weight_decay": 0.02, "temp_lr_scale": 0.1}, model)
+    temp_group = [g for g in opt.param_groups if any(p is model.temp for p in g["params"])]
+    assert len(temp_group) == 1 and len(temp_group[0]["params"]) == 1
+    sched = create_scheduler({"sched": "cosine", "lr": 1e-3, "epochs": 2, "min_lr": 1e-5, "warmup_lr": 1e-4,
+                              "warmup_epochs": 0}, opt)
+    sched.step(0, 0)
+    assert temp_group[0]["lr"] == pytest.approx(1e-4) and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
