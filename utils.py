@@ -531,7 +531,7 @@ def _unpack_batch(batch: Any, counter: dict, max_skipped: int, epoch: int, step:
                 f"{counter['skipped']} unreadable samples dropped so far (epoch {epoch}, step {step}), "
                 f"more than max_skipped={max_skipped}; check the image paths in the annotation files"
             )
-    return batch[:-1]
+    return batch[:-1] or None  # () when every sample of the batch was unreadable
 
 
 def _total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -65,7 +65,7 @@ def _collate_field(values: Sequence[Any]) -> Any:
     return list(values)
 
 
-def collate_skip_none(batch: list) -> tuple | None:
+def collate_skip_none(batch: list) -> tuple:
     """Collate tuples, dropping ``None`` samples (unreadable images).
 
     Args:
@@ -73,12 +73,12 @@ def collate_skip_none(batch: list) -> tuple | None:
 
     Returns:
         ``(*fields, num_dropped)`` with tensors stacked, ints as a LongTensor and
-        strings as lists; ``None`` if every sample was dropped.
+        strings as lists; just ``(num_dropped,)`` if every sample was dropped, so the count is never lost.
     """
     kept = [sample for sample in batch if sample is not None]
     num_dropped = len(batch) - len(kept)
     if not kept:
-        return None
+        return (num_dropped,)
     fields = tuple(_collate_field(column) for column in zip(*kept, strict=True))
     return (*fields, num_dropped)
 

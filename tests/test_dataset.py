@@ -292,7 +292,7 @@ def test_collate_skip_none_drops_and_counts() -> None:
     assert ids.dtype == torch.long
     assert ids.tolist() == [1, 4]
     assert dropped == 2
-    assert collate_skip_none([None, None]) is None
+    assert collate_skip_none([None, None]) == (2,)
 
 
 def test_create_loader_skips_bad_images(tmp_path: Path) -> None:
