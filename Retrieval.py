@@ -1,0 +1,199 @@
+"""ALBEF image-text retrieval: fine-tuning (ITC with image-id positives + ITM) and the paper's evaluation.
+
+    python Retrieval.py --config configs/toy/Retrieval.yaml --output_dir output/toy_retrieval \
+        --checkpoint output/toy_pretrain/checkpoint_best.pth
+    python Retrieval.py --config configs/Retrieval_flickr.yaml --output_dir output/zs_flickr \
+        --checkpoint mscoco.pth --evaluate          # zero-shot Flickr30K from the COCO-fine-tuned model
+    torchrun --nproc_per_node=8 Retrieval.py --config configs/Retrieval_coco.yaml --output_dir output/coco \
+        --checkpoint ALBEF.pth
+
+Each epoch evaluates val (``score`` = val ``r_mean`` picks ``checkpoint_best.pth``); the best checkpoint is
+then evaluated on test. ``--evaluate`` only evaluates val and test. Metrics are appended to ``log.txt`` and
+written to ``output_dir/result/retrieval_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import utils
+from dataset import RetrievalEvalDataset, RetrievalTrainDataset, build_transform, create_loader
+from models.albef import ALBEFConfig
+from models.checkpoint import load_weights, read_state_dict
+from models.model_retrieval import ALBEFRetrieval
+from models.retrieval_eval import evaluate_retrieval
+from models.tokenizer import TextTokenizer
+
+logger = logging.getLogger("albef.retrieval")
+
+# Every accepted key with its default; this dict is the schema (unknown keys are rejected).
+DEFAULTS: dict[str, Any] = {
+    **utils.COMMON_DEFAULTS,
+    "train_file": [],  # JSON files of {image, caption, image_id}, image relative to image_root
+    "val_file": "",  # JSON of {image, caption: [str, ...]} ('' : no validation)
+    "test_file": "",
+    "image_root": "",
+    "image_res": 384,
+    "batch_size_train": 32,  # per GPU
+    "batch_size_test": 64,
+    "queue_size": 65536,
+    "momentum": 0.995,
+    "embed_dim": 256,
+    "temp": 0.07,
+    "k_test": 256,  # ITC shortlist reranked by ITM (0: ITC-only ranking)
+    "score": "itm",  # rerank score: 'itm' (official, ITM positive logit) or 'itm+itc' (BLIP/LAVIS)
+    "alpha": 0.4,
+    "distill": True,
+    "warm_up": True,  # ramp alpha over epoch 0
+    "max_words": 30,  # words kept by pre_caption
+    "max_tokens": 30,  # tokenizer length (incl. [CLS]) in training and evaluation
+    "crop_scale": [0.5, 1.0],  # RandomResizedCrop scale of fine-tuning
+    "randaug": True,  # RandomAugment(2, 7) in training
+    "text_batch": 256,  # texts per encoder batch in evaluation (hard-coded 256 in the official code)
+    "rerank_batch": 256,  # (image, text) pairs per fusion batch in evaluation
+    "eval_amp": "bf16",  # autocast of evaluation on CUDA: 'off' | 'bf16' | 'fp16'
+    "optimizer": {"opt": "adamW", "lr": 1e-5, "weight_decay": 0.02},
+    "schedular": {"sched": "cosine", "lr": 1e-5, "epochs": 10, "min_lr": 1e-6, "decay_rate": 1,
+                  "warmup_lr": 1e-5, "warmup_epochs": 1, "cooldown_epochs": 0},
+}
+
+
+def check_config(config: dict) -> None:
+    """Reject values the schema's types cannot catch."""
+    if config["score"] not in ("itm", "itm+itc"):
+        raise utils.ConfigError(f"score must be 'itm' or 'itm+itc', not {config['score']!r}")
+    if config["eval_amp"] not in ("off", "bf16", "fp16"):
+        raise utils.ConfigError(f"eval_amp must be 'off', 'bf16' or 'fp16', not {config['eval_amp']!r}")
+    if config["k_test"] < 0:
+        raise utils.ConfigError(f"k_test must be >= 0 (0: ITC only), not {config['k_test']}")
+
+
+def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device) -> Callable:
+    """Batch -> named losses; the batch is (images (B, 3, R, R), captions list[str], image indices (B,))."""
+
+    def step(model: torch.nn.Module, batch: tuple, alpha: float) -> dict[str, torch.Tensor]:
+        image, captions, idx = batch
+        text = tokenizer(captions, max_length=config["max_tokens"]).to(device, non_blocking=True)
+        return model(image.to(device, non_blocking=True), text.input_ids, text.attention_mask,
+                     idx.to(device, non_blocking=True), alpha=alpha)
+
+    return step
+
+
+def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device) -> Callable:
+    """``evaluate(model, dataset) -> metrics`` with the config's evaluation settings."""
+
+    def evaluate(model: torch.nn.Module, dataset: RetrievalEvalDataset) -> dict[str, float]:
+        return evaluate_retrieval(
+            model, dataset, tokenizer, device, k_test=config["k_test"], score=config["score"],
+            batch_size=config["batch_size_test"], text_batch=config["text_batch"],
+            rerank_batch=config["rerank_batch"], max_length=config["max_tokens"],
+            num_workers=config["num_workers"], amp=config["eval_amp"])
+
+    return evaluate
+
+
+def eval_datasets(config: dict) -> dict[str, RetrievalEvalDataset]:
+    """The configured val / test splits (absent ones are skipped)."""
+    transform = build_transform("test", config["image_res"])
+    return {split: RetrievalEvalDataset(config[f"{split}_file"], transform, config["image_root"], config["max_words"])
+            for split in ("val", "test") if config[f"{split}_file"]}
+
+
+def prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{split}_{k}": v for k, v in metrics.items()}
+
+
+def write_results(output_dir: str, results: dict) -> None:
+    """Append one line to ``log.txt`` and write ``result/retrieval_metrics.json`` (rank 0)."""
+    line = {k: v for k, v in results.items() if not isinstance(v, dict)}
+    for split in ("val", "test"):
+        line.update(prefixed(split, results.get(split, {})))
+    utils.append_jsonl(os.path.join(output_dir, "log.txt"), line)
+    if utils.is_main_process():
+        os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
+        with open(os.path.join(output_dir, "result", "retrieval_metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    logger.info("retrieval results: %s", json.dumps(line))
+
+
+def run_evaluation(model: ALBEFRetrieval, args: Any, splits: dict, evaluate: Callable,
+                   device: torch.device) -> dict:
+    """``--evaluate``: the ``--checkpoint`` weights on val and test."""
+    if args.checkpoint:
+        state, ckpt = read_state_dict(args.checkpoint)
+        saved = ckpt.get("config")
+        trained_res = saved.get("image_res") if isinstance(saved, dict) else None
+        if trained_res is not None and trained_res != model.config.image_res:
+            logger.warning("%s was trained at %s px but is evaluated at %d px (salesforce/ALBEF#25: evaluate a "
+                           "pre-trained checkpoint at its own resolution, --override image_res=%s)",
+                           args.checkpoint, trained_res, model.config.image_res, trained_res)
+        load_weights(model, state)
+    else:
+        logger.warning("--evaluate without --checkpoint: evaluating a randomly initialised model")
+    model.to(device)
+    results: dict = {"mode": "evaluate", "checkpoint": args.checkpoint}
+    for split, dataset in splits.items():
+        results[split] = evaluate(model, dataset)
+    return results
+
+
+def run_training(model: ALBEFRetrieval, args: Any, config: dict, splits: dict, evaluate: Callable,
+                 tokenizer: TextTokenizer, device: torch.device) -> dict:
+    """Fine-tune with ``utils.fit`` (val each epoch), then evaluate the best checkpoint on test."""
+    utils.check_itm_batch(config["batch_size_train"], "batch_size_train")
+    transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
+                                randaug=config["randaug"])
+    dataset = RetrievalTrainDataset(config["train_file"], transform, config["image_root"], config["max_words"])
+    logger.info("%d captions of %d images for training", len(dataset), len(dataset.img_ids))
+    loader = create_loader(dataset, config["batch_size_train"], config["num_workers"], shuffle=True,
+                           seed=args.seed, drop_last=True, rank=utils.get_rank(), world_size=utils.get_world_size())
+    history: dict[int, dict[str, float]] = {}
+
+    def evaluate_val(m: torch.nn.Module, epoch: int) -> dict:
+        if "val" not in splits:
+            return {}
+        history[epoch] = evaluate(m, splits["val"])
+        return {**prefixed("val", history[epoch]), "score": history[epoch]["r_mean"]}
+
+    record = utils.fit(model, loader, make_step_fn(tokenizer, config, device), config, args, device, evaluate_val)
+    results: dict = {"mode": "train", "checkpoint": args.checkpoint, "last_epoch": record.get("epoch")}
+    best = os.path.join(args.output_dir, "checkpoint_best.pth")
+    if os.path.isfile(best):
+        state = utils.load_checkpoint_file(best)
+        model.load_state_dict(state["model"])
+        results.update(best_epoch=state["epoch"], evaluated="checkpoint_best.pth")
+        val = history.get(state["epoch"])
+        results["val"] = val if val is not None else evaluate(model, splits["val"])
+    if "test" in splits:
+        results["test"] = evaluate(model, splits["test"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Fine-tune and/or evaluate; returns the results written to ``retrieval_metrics.json``."""
+    args = utils.get_parser(__doc__).parse_args(argv)
+    config, device = utils.setup_run(args, DEFAULTS)
+    check_config(config)
+    tokenizer = TextTokenizer(args.text_encoder)
+    model = ALBEFRetrieval(ALBEFConfig.from_config(config))
+    splits = eval_datasets(config)
+    evaluate = make_evaluator(config, tokenizer, device)
+    if args.evaluate:
+        results = run_evaluation(model, args, splits, evaluate, device)
+    else:
+        results = run_training(model, args, config, splits, evaluate, tokenizer, device)
+    write_results(args.output_dir, results)
+    utils.barrier()
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(utils.run_main(main))
