@@ -14,7 +14,8 @@ from models.checkpoint import load_weights
 from models.model_pretrain import ALBEFPretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MANIFESTS = os.path.join(os.path.dirname(ROOT), "shared", "checkpoints")
+# Key/shape manifests of the released checkpoints (ALBEF.pth, mscoco.pth, vqa.pth, NLVR2): the compatibility contract.
+MANIFESTS = os.path.join(ROOT, "tests", "data")
 
 
 def read_manifest(name: str) -> list[tuple[str, list[int], str, str | None]]:
