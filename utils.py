@@ -705,6 +705,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def wrap_model(model: torch.nn.Module, config: dict, device: torch.device) -> torch.nn.Module:
     """DDP (``broadcast_buffers=False``: queues are identical on every rank by construction) and compile."""
     if is_dist_initialized():
+        # Ranks seed differently, so start every rank from rank 0's buffers (the random initial queues);
+        # from then on the queues stay identical by construction and are never re-broadcast.
+        with torch.no_grad():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     if config.get("compile"):

@@ -143,3 +143,18 @@ def test_resume_falls_back_when_the_newest_checkpoint_is_truncated(world: str, t
         f.write(data[: len(data) // 2])
     found = utils.load_latest_checkpoint(out)
     assert found is not None and found[1].endswith("checkpoint_00_000004.pth")
+
+
+def test_two_processes_with_torchrun_on_cpu(world: str, tmp_path) -> None:
+    """torchrun --nproc_per_node=2 (gloo): both ranks train, rank 0 alone writes the log and checkpoint."""
+    out = str(tmp_path / "ddp")
+    args = argv(world, out, "batch_size=4", "queue_size=48", epochs=1)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29531", "Pretrain.py", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 per process x 2 process(es) = 8 global" in result.stderr
+    log = read_log(out)
+    assert len(log) == 1 and log[0]["epoch"] == 0
+    state = torch.load(os.path.join(out, "checkpoint_00.pth"), weights_only=True)["model"]
+    assert state["queue_ptr"].item() == 40  # 40 items / global batch 8 = 5 steps, each enqueuing 8 features
