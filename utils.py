@@ -673,11 +673,30 @@ def setup_run(args: argparse.Namespace, defaults: dict) -> tuple[dict, torch.dev
     if is_main_process():
         save_config(config, os.path.join(args.output_dir, "config.yaml"))
     set_seed(args.seed)
+    _check_image_root(config, args.config)
     batch = config.get("batch_size", config.get("batch_size_train"))
     if batch is not None:
         logger.info("batch size %d per process x %d process(es) = %d global", batch, get_world_size(),
                     batch * get_world_size())
+        if config.get("queue_size"):
+            describe_queue(config["queue_size"], batch * get_world_size())
     return config, device
+
+
+def _check_image_root(config: dict, source: str) -> None:
+    root = config.get("image_root")
+    if root and not os.path.isdir(root):
+        raise ConfigError(f"image_root {root!r} (in {source} or --override) is not a folder")
+
+
+def describe_queue(queue_size: int, global_batch: int) -> None:
+    """Say what the ITC queues hold: any size works (ring buffer), but a small one holds less than a batch."""
+    if queue_size < global_batch:
+        logger.warning("queue_size %d is smaller than the global batch %d: each step overwrites the whole queue "
+                       "with part of that batch's momentum features", queue_size, global_batch)
+    else:
+        logger.info("ITC queues: %d momentum features each = the last %.1f global batches of %d", queue_size,
+                    queue_size / global_batch, global_batch)
 
 
 def _check_output_dir(path: str) -> None:

@@ -59,7 +59,7 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("case", ["malformed_json", "empty_caption", "unknown_key", "missing_file"])
+@pytest.mark.parametrize("case", ["malformed_json", "empty_caption", "unknown_key", "missing_file", "missing_root"])
 def test_bad_inputs_end_in_one_clear_message(world: str, tmp_path, case: str) -> None:
     ann = tmp_path / "ann.json"
     extra: list[str] = [f"train_file=[{ann}]"]
@@ -73,6 +73,10 @@ def test_bad_inputs_end_in_one_clear_message(world: str, tmp_path, case: str) ->
         ann.write_text("[]")
         extra.append("batch_sise=4")
         expect = ["batch_sise", "batch_size"]
+    elif case == "missing_root":
+        ann.write_text("[]")
+        extra.append(f"image_root={tmp_path / 'no_images'}")
+        expect = ["image_root", "no_images", "not a folder"]
     else:
         extra = [f"train_file=[{tmp_path / 'nope.json'}]"]
         expect = ["nope.json"]
@@ -158,3 +162,93 @@ def test_two_processes_with_torchrun_on_cpu(world: str, tmp_path) -> None:
     assert len(log) == 1 and log[0]["epoch"] == 0
     state = torch.load(os.path.join(out, "checkpoint_00.pth"), weights_only=True)["model"]
     assert state["queue_ptr"].item() == 40  # 40 items / global batch 8 = 5 steps, each enqueuing 8 features
+
+
+def one_caption_per_image(world: str, path: str) -> str:
+    """pretrain.json with each item's first caption only: a caption list is drawn from per fetch with the
+    rank's own random stream, which would give the two runs different texts."""
+    items = json.load(open(os.path.join(world, "pretrain.json")))
+    first = [{"image": it["image"], "caption": it["caption"][0] if isinstance(it["caption"], list) else it["caption"]}
+             for it in items]
+    with open(path, "w") as f:
+        json.dump(first, f)
+    return path
+
+
+def bert_without_dropout(path: str) -> str:
+    """configs/toy/config_bert.json with dropout 0: dropout masks come from each rank's random stream."""
+    config = json.load(open(os.path.join(ROOT, "configs", "toy", "config_bert.json")))
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def probe_run(nproc: int, record: str, args: list[str]) -> None:
+    """Run tests/ddp_probe.py (Pretrain.main recording every step) in one process or under torchrun."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default per worker: the same kernels in both runs
+    result = subprocess.run([sys.executable, *launch, os.path.join("tests", "ddp_probe.py"), record, *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def relative_update_gap(one: dict, two: dict, start: dict) -> float:
+    """||w_two - w_one|| / ||w_one - w_start|| over the ITC-only parameters."""
+    gap = torch.cat([(two[k] - one[k]).flatten() for k in one]).norm()
+    return float(gap / torch.cat([(one[k] - start[k]).flatten() for k in one]).norm())
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(world: str, tmp_path) -> None:
+    """2 processes x batch 4 against 1 process x batch 8: one epoch of 5 steps on the same 40 items.
+
+    Both runs go through tests/ddp_probe.py, which records every rank's captions, image checksums, local
+    losses, queues and ITC-only parameters (``vision_proj``, ``text_proj``, ``temp``) at every step, with a
+    deterministic image transform; captions are one per image and dropout is 0, so both runs feed the same
+    samples to the same initial model (rank 0 seeds like the single process; DDP broadcasts its weights and
+    wrap_model its buffers). Rank r gets items r, r+2, ... of the single process's batch, so the gathered
+    queue holds the single run's 8 features in the order 0 2 4 6 1 3 5 7.
+
+    Legitimate differences: each rank's ITC softmax sees its own 4 momentum features plus the shared queue
+    (4096 entries, alpha 0) instead of 8; ITM hard negatives are drawn from each rank's own 4 items; MLM
+    masks come from each rank's random stream. So losses are compared with tolerances, and the weights only
+    for the ITC-only parameters, whose gradient is the (all-reduced) ITC gradient.
+
+    Tolerances (measured on CPU, torch 2.x: first-step ITC 0.001 apart, epoch means ITC 0.016 / MLM 0.002 /
+    ITM 0.0003, ITC-only update gap 2e-6 after one step and 0.012 after four, queue entries 0 after one step
+    and 1.2e-4 after five): first-step ITC 0.005; epoch means ITC 0.05, MLM 0.15, ITM 0.01; ITC-only update
+    gap 1e-3 after one step (0.31 without the gradient all-reduce) and 0.05 after four (0.17 without);
+    queue 1e-6 after one step, 1e-3 after five. Queues and pointer must be equal on both ranks after every step.
+    """
+    one_caption = one_caption_per_image(world, str(tmp_path / "one_caption.json"))
+    common = [f"train_file=[{one_caption}]", f"bert_config={bert_without_dropout(str(tmp_path / 'bert.json'))}",
+              "queue_size=4096", "alpha=0"]
+    probe_run(1, str(tmp_path / "one"), argv(world, str(tmp_path / "one"), *common, "batch_size=8", epochs=1))
+    probe_run(2, str(tmp_path / "two"), argv(world, str(tmp_path / "two"), *common, "batch_size=4", epochs=1))
+    one = torch.load(tmp_path / "one.rank0.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"two.rank{r}.pt", weights_only=True) for r in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 5
+    order = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])  # single-run batch position of each gathered feature
+    for step, (single, r0, r1) in enumerate(zip(one, *ranks)):
+        assert [c for pair in zip(r0["captions"], r1["captions"]) for c in pair] == single["captions"]
+        assert torch.allclose(torch.stack([r0["image_sums"], r1["image_sums"]], 1).flatten(), single["image_sums"])
+        for key in ("image_queue", "text_queue", "queue_ptr"):
+            assert torch.equal(r0[key], r1[key]), (step, key)
+        assert single["queue_ptr"].item() == r0["queue_ptr"].item() == 8 * (step + 1)
+        for key in ("image_queue", "text_queue"):
+            written = r0[key][:, : 8 * (step + 1)].view(-1, step + 1, 8)
+            expected = single[key][:, : 8 * (step + 1)].view(-1, step + 1, 8)[:, :, order]
+            assert (written - expected).abs().max() <= (1e-6 if step == 0 else 1e-3), (step, key)
+        assert all(torch.equal(r0["params_before"][k], r1["params_before"][k]) for k in r0["params_before"])
+
+    first_itc = (ranks[0][0]["losses"]["loss_ita"] + ranks[1][0]["losses"]["loss_ita"]) / 2
+    assert first_itc == pytest.approx(one[0]["losses"]["loss_ita"], abs=5e-3)
+    log_one, log_two = read_log(str(tmp_path / "one"))[0], read_log(str(tmp_path / "two"))[0]
+    for name, tol in (("loss_ita", 0.05), ("loss_mlm", 0.15), ("loss_itm", 0.01)):
+        assert log_two[f"train_{name}"] == pytest.approx(log_one[f"train_{name}"], abs=tol), name
+        mean = sum(r[step]["losses"][name] for r in ranks for step in range(5)) / 10
+        assert log_two[f"train_{name}"] == pytest.approx(mean, rel=1e-5)  # log.txt: means over both ranks
+
+    start = one[0]["params_before"]
+    assert relative_update_gap(one[1]["params_before"], ranks[0][1]["params_before"], start) < 1e-3
+    assert relative_update_gap(one[4]["params_before"], ranks[0][4]["params_before"], start) < 0.05

@@ -435,3 +435,11 @@ def test_amp_is_ignored_on_cpu_and_validated() -> None:
     assert math.isfinite(stats["loss_mse"])
     with pytest.raises(ValueError, match="amp"):
         _run(model, batches, optimizer, sched, _mse_step(), amp="fp8")
+
+
+def test_describe_queue_says_what_the_queue_holds(caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="utils"):
+        utils.describe_queue(1024, 256)
+        utils.describe_queue(100, 256)
+    assert "the last 4.0 global batches of 256" in caplog.text
+    assert "queue_size 100 is smaller than the global batch 256" in caplog.text
