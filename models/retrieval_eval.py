@@ -256,15 +256,17 @@ def first_hit(hit: Tensor) -> Tensor:
 def recall_metrics(i2t: Ranking, t2i: Ranking, txt2img: Tensor) -> dict[str, float]:
     """Official TR/IR R@1/5/10 (percent), their means and ``r_mean`` from the rankings.
 
-    txt2img (N_txt,) long: each caption's image. TR: rank of an image's best-placed caption.
+    txt2img (N_txt,) long: each caption's image. TR: rank of an image's best-placed caption. A match outside
+    the shortlist is a miss at every K, also K > k_test (``first_hit`` gives it rank k, which is < K then).
     """
     txt2img = txt2img.to(i2t.indices.device)
     n_img = i2t.indices.size(0)
     i2t_hit = txt2img[i2t.indices] == torch.arange(n_img, device=txt2img.device)[:, None]  # (N_img, k)
     t2i_hit = t2i.indices == txt2img.to(t2i.indices.device)[:, None]  # (N_txt, k)
-    ranks = {"txt": first_hit(i2t_hit), "img": first_hit(t2i_hit)}
+    hits = {"txt": i2t_hit, "img": t2i_hit}
     out: dict[str, float] = {}
-    for name, r in ranks.items():
+    for name, hit in hits.items():
+        r = torch.where(hit.any(dim=1), first_hit(hit), torch.iinfo(torch.long).max)  # misses: never within K
         for k in RECALL_KS:
             out[f"{name}_r{k}"] = 100.0 * (r < k).float().mean().item()
         out[f"{name}_r_mean"] = sum(out[f"{name}_r{k}"] for k in RECALL_KS) / len(RECALL_KS)

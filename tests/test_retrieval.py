@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -47,6 +49,16 @@ def test_recall_against_hand_built_scores() -> None:
 def test_first_hit_and_shortlist_misses() -> None:
     hit = torch.tensor([[False, True, True], [False, False, False]])
     assert ev.first_hit(hit).tolist() == [1, 3]  # no hit in the shortlist: never within any K <= k
+
+
+def test_shortlist_misses_are_misses_at_every_k() -> None:
+    """k_test 3 < K = 5, 10: a match outside the shortlist must not count as retrieved at R@5 / R@10."""
+    txt2img = torch.arange(4)  # one caption per image
+    shortlists = torch.tensor([[0, 1, 2], [0, 2, 3], [3, 2, 0], [0, 1, 2]])  # hit at 0, miss, hit at 1, miss
+    ranking = ev.Ranking(shortlists, torch.zeros(4, 3))
+    m = ev.recall_metrics(ranking, ranking, txt2img)
+    assert (m["txt_r1"], m["txt_r5"], m["txt_r10"]) == (25.0, 50.0, 50.0)
+    assert (m["img_r1"], m["img_r5"], m["img_r10"]) == (25.0, 50.0, 50.0)
 
 
 # ------------------------------------------------------------------ training objective
@@ -181,6 +193,102 @@ def test_main_fine_tunes_then_evaluates(tmp_path) -> None:
     assert evaluated["test"] == pytest.approx(results["test"])
     with open(tmp_path / "eval" / "result" / "retrieval_metrics.json") as fh:
         assert json.load(fh)["val"] == pytest.approx(results["val"])
+
+
+# ------------------------------------------------------------------ multi-process (torchrun, gloo on CPU)
+@pytest.fixture(scope="module")
+def ddp_world(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """8 train images (21 captions: 2 steps of 2 x 4), 9 val images (uneven query shares 4 + 5), 12 test."""
+    from dataset.toy_world import ensure_toy_world
+
+    return ensure_toy_world(str(tmp_path_factory.mktemp("toy_ddp")), n_train=8, n_val=9, n_test=12)
+
+
+def ddp_argv(world: str, out: str, *flags: str, overrides: tuple[str, ...] = ()) -> list[str]:
+    return ["--config", os.path.join(ROOT, "configs", "toy", "Retrieval.yaml"), "--output_dir", out, "--device",
+            "cpu", *flags, "--override", "toy_world=''", f"train_file=[{world}/retrieval_train.json]",
+            f"val_file={world}/retrieval_val.json", f"test_file={world}/retrieval_test.json", f"image_root={world}",
+            "schedular.epochs=1", "batch_size_train=4", "batch_size_test=4", "queue_size=48", "k_test=4",
+            "num_workers=0", "image_res=32", *overrides]
+
+
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 Retrieval.py ARGS`` (a free port; gloo on CPU)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "Retrieval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def spread_checkpoint(path: str) -> str:
+    """A random-init toy model whose weight matrices are drawn at std 0.3 (BERT init: 0.02), saved as {'model'}.
+
+    At the usual init the tiny encoders map every image and every caption to nearly the same feature, so all
+    queries get the same ranking and a mis-ordered gather of the rank shares would not change any metric.
+    """
+    import Retrieval
+    import utils
+
+    config = utils.load_config(os.path.join(ROOT, "configs", "toy", "Retrieval.yaml"), Retrieval.DEFAULTS,
+                               ["toy_world=''", "image_res=32", "queue_size=48"])
+    model = ALBEFRetrieval(ALBEFConfig.from_config(config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "_m." not in name:
+                p.normal_(0.0, 0.3)
+        model.copy_to_momentum()
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def read_metrics(out: str) -> dict:
+    with open(os.path.join(out, "result", "retrieval_metrics.json")) as fh:
+        return json.load(fh)
+
+
+def output_files(out: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files)
+
+
+def test_two_processes_evaluate_exactly_like_one(ddp_world: str, tmp_path) -> None:
+    """``torchrun --nproc_per_node=2 Retrieval.py --evaluate`` writes the metrics of one process, to the bit.
+
+    Every rank encodes all images and texts and reranks a contiguous share of the queries (val: 4 + 5 images,
+    22 + 23 texts); the shares are gathered in rank order. Rank 0 alone writes the output folder.
+    """
+    import Retrieval
+
+    ckpt = spread_checkpoint(str(tmp_path / "spread.pth"))
+    two = str(tmp_path / "two")
+    result = torchrun(ddp_argv(ddp_world, two, "--evaluate", "--checkpoint", ckpt))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = str(tmp_path / "one")
+    Retrieval.main(ddp_argv(ddp_world, one, "--evaluate", "--checkpoint", ckpt))
+    metrics_one, metrics_two = read_metrics(one), read_metrics(two)
+    for split in ("val", "test"):
+        assert metrics_two[split] == metrics_one[split], split
+    assert len({v for split in ("val", "test") for v in metrics_one[split].values()}) > 4  # not all 0 / 100
+    assert output_files(two) == ["config.yaml", "log.txt", "result/retrieval_metrics.json", "train.log"]
+    with open(os.path.join(two, "log.txt")) as fh:
+        assert len(fh.readlines()) == 1
+
+
+def test_two_process_fine_tuning_writes_on_rank0_only(ddp_world: str, tmp_path) -> None:
+    """A 2-step fine-tuning epoch under torchrun --nproc_per_node=2: one log line per event, one set of files."""
+    out = str(tmp_path / "ddp")
+    result = torchrun(ddp_argv(ddp_world, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 per process x 2 process(es) = 8 global" in result.stderr
+    assert output_files(out) == ["checkpoint_00.pth", "checkpoint_best.pth", "config.yaml", "log.txt",
+                                 "result/retrieval_metrics.json", "train.log"]
+    with open(os.path.join(out, "log.txt")) as fh:
+        lines = [json.loads(line) for line in fh]
+    assert [line.get("epoch") for line in lines] == [0, None] and lines[1]["mode"] == "train"
+    with open(os.path.join(out, "train.log")) as fh:
+        assert "[rank1]" not in fh.read()
+    state = torch.load(os.path.join(out, "checkpoint_00.pth"), weights_only=True)
+    assert state["epoch"] == 0
+    assert state["model"]["queue_ptr"].item() == 16  # 21 captions // global batch 8 = 2 steps of 8 features
+    assert (state["model"]["idx_queue"][0, :16] >= 0).all() and (state["model"]["idx_queue"][0, 16:] == -100).all()
+    assert set(read_metrics(out)) >= {"val", "test"}
 
 
 # ------------------------------------------------------------------ checkpoints
