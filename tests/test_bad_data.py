@@ -357,3 +357,33 @@ def test_validate_data_cli(tmp_path: Path) -> None:
         )
         == 1
     )
+
+
+@pytest.mark.parametrize("case", ["malformed_val", "eval_caption_not_list", "missing_image_id"])
+def test_retrieval_cli_bad_inputs_end_in_one_clear_message(tmp_path: Path, case: str) -> None:
+    """Retrieval.py stops before training with exit code 2 and one ERROR line naming the file (no traceback)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    config = _retrieval_config(tmp_path, ["a", "b"])
+    bad = tmp_path / "bad.json"
+    if case == "malformed_val":
+        bad.write_text('[{"image": "im.png", "caption": ["a"]},\n {"image": }]')
+        config["val_file"], expect = str(bad), ["bad.json", "line 2"]
+    elif case == "eval_caption_not_list":
+        bad.write_text(json.dumps([{"image": "im.png", "caption": ["a"]}, {"image": "im.png", "caption": 7}]))
+        config["test_file"], expect = str(bad), ["bad.json", "1", "caption"]
+    else:
+        bad.write_text(json.dumps([{"image": "im.png", "caption": "a"}]))
+        config["train_file"], expect = [str(bad)], ["bad.json", "0", "image_id"]
+    overrides = [f"{k}={json.dumps(v)}" for k, v in config.items()] + ["toy_world=''", "num_workers=0"]
+    result = subprocess.run(
+        [sys.executable, "Retrieval.py", "--config", "configs/toy/Retrieval.yaml",
+         "--output_dir", str(tmp_path / "out"), "--override", *overrides],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and all(e in errors[0] for e in expect), result.stderr[-2000:]
