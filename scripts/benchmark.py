@@ -5,13 +5,19 @@ Usage (from the repository root)::
     python scripts/benchmark.py --device cpu --threads 2 --sizes tiny,full --json bench.json
     python scripts/benchmark.py --device cuda --batch-full 64 --batch-tiny 256
     python scripts/benchmark.py --only data_pipeline
+    python scripts/benchmark.py --only retrieval_eval,retrieval_step --sizes tiny
 
 ``pretrain_step`` times a full pre-training step (forward + backward + AdamW step, momentum update
 included) of OUR fast ``ALBEFPretrain`` and, on the same model object, of a straightforward
 re-implementation of the official algorithm (``scripts/reference_step.py``), interleaved step by step
 so both see the same machine load. It reports the medians, their ratio, peak memory and, for ours, a
 forward / backward / optimizer breakdown. ``data_pipeline`` measures decode + augmentation in one
-process. Sections live in :data:`BENCHMARKS` (name -> function(args) -> rows); add new ones there.
+process. ``retrieval_eval`` measures ITM pairs reranked per second by the batched evaluator
+(``models.retrieval_eval.rerank_batched``) against the official one-query-at-a-time loop
+(``rerank_per_query``) on the same model and features, and whether their rankings are identical;
+``retrieval_step`` times a retrieval fine-tuning step (``ALBEFRetrieval``). The retrieval sections build
+their sizes from :data:`RETRIEVAL_CONFIGS` (tiny: the toy config; full: ViT-B/16 + BERT-base at 384 px).
+Sections live in :data:`BENCHMARKS` (name -> function(args) -> rows); add new ones there.
 
 On CUDA ours runs under bf16 autocast with fused AdamW; the reference runs in fp32 with a plain AdamW
 (as the official code); step times come from CUDA events.
@@ -44,10 +50,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import Retrieval  # noqa: E402
+import utils  # noqa: E402
 from dataset import build_transform, load_image  # noqa: E402
+from models import retrieval_eval  # noqa: E402
 from models.albef import ALBEFConfig  # noqa: E402
 from models.bert import BertConfig  # noqa: E402
 from models.model_pretrain import ALBEFPretrain  # noqa: E402
+from models.model_retrieval import ALBEFRetrieval  # noqa: E402
 from optim import create_optimizer, param_groups_weight_decay  # noqa: E402
 from scripts.reference_step import reference_forward  # noqa: E402
 
@@ -175,18 +185,16 @@ def make_inputs(batch: int, res: int, text_len: int, device: torch.device, seed:
 StepFn = Callable[[PhaseTimer], None]
 
 
-def fast_step_fn(model: ALBEFPretrain, optimizer: torch.optim.Optimizer, inputs: Inputs, alpha: float,
-                 amp_dtype: torch.dtype | None) -> StepFn:
-    """OUR step: zero_grad + forward (momentum update inside) | backward | AdamW step."""
-    device_type = inputs[0].device.type
+def train_step_fn(forward: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Optimizer,
+                  device_type: str, amp_dtype: torch.dtype | None) -> StepFn:
+    """zero_grad + ``forward()`` (momentum update inside), loss = sum of its losses | backward | AdamW step."""
 
     def step(timer: PhaseTimer) -> None:
         timer.mark()
         optimizer.zero_grad(set_to_none=True)
         autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         with autocast:
-            losses = model(*inputs, alpha=alpha)
-            loss = losses["loss_mlm"] + losses["loss_ita"] + losses["loss_itm"]
+            loss = sum(forward().values())
         timer.mark()
         loss.backward()
         timer.mark()
@@ -194,6 +202,12 @@ def fast_step_fn(model: ALBEFPretrain, optimizer: torch.optim.Optimizer, inputs:
         timer.mark()
 
     return step
+
+
+def fast_step_fn(model: ALBEFPretrain, optimizer: torch.optim.Optimizer, inputs: Inputs, alpha: float,
+                 amp_dtype: torch.dtype | None) -> StepFn:
+    """OUR pre-training step: loss_mlm + loss_ita + loss_itm, phases as :func:`train_step_fn`."""
+    return train_step_fn(lambda: model(*inputs, alpha=alpha), optimizer, inputs[0].device.type, amp_dtype)
 
 
 def reference_step_fn(model: ALBEFPretrain, optimizer: torch.optim.Optimizer, inputs: Inputs,
@@ -279,14 +293,14 @@ def bench_pretrain_size(size: str, args: argparse.Namespace, device: torch.devic
     states = {name: optimizer_state_mb(opt) for name, opt in optimizers.items()}
     for name, result in results.items():
         result["peak_mb"] = result["process_peak_mb"] - sum(v for k, v in states.items() if k != name)
-    row = _pretrain_row(size, batch, config, text_len, results)
+    row = _step_row(size, batch, config, text_len, results)
     row["precision"] = "ours bf16-autocast, ref fp32" if amp_dtype else "fp32"
     del model, fns, optimizers, results
     gc.collect()
     return row
 
 
-def _pretrain_row(size: str, batch: int, config: ALBEFConfig, text_len: int, results: dict[str, Row]) -> Row:
+def _step_row(size: str, batch: int, config: ALBEFConfig, text_len: int, results: dict[str, Row]) -> Row:
     """Flat result row: medians side by side, the ratio, phases, memory; per-step lists for the JSON."""
     ours, ref = results["ours"], results.get("reference")
     row: Row = {"size": size, "batch": batch, "input": f"{config.image_res}px T{text_len} Q{config.queue_size}",
@@ -357,10 +371,117 @@ def bench_data_pipeline(args: argparse.Namespace) -> list[Row]:
              "decode_ms": 1000 * statistics.median(decode), "augment_ms": 1000 * statistics.median(augment)}]
 
 
+# ---------------------------------------------------------------- retrieval
+# size -> the config whose architecture (and optimizer, queue, text length) the retrieval sections use
+RETRIEVAL_CONFIGS = {"tiny": "configs/toy/Retrieval.yaml", "full": "configs/Retrieval_coco.yaml"}
+CAPTION_TOKENS = (8, 20)  # caption lengths of the retrieval benchmarks, [CLS] included (COCO-like)
+
+
+def retrieval_setup(size: str) -> tuple[dict, ALBEFConfig]:
+    """The resolved YAML config of ``size`` (:data:`RETRIEVAL_CONFIGS`) and its model config."""
+    config = utils.load_config(str(REPO_ROOT / RETRIEVAL_CONFIGS[size]), Retrieval.DEFAULTS)
+    return config, ALBEFConfig.from_config(config, str(REPO_ROOT / config["bert_config"]))
+
+
+def make_captions(n: int, max_tokens: int, seed: int,
+                  tokens: tuple[int, int] = CAPTION_TOKENS) -> tuple[Tensor, Tensor]:
+    """``n`` random ``[CLS] w1 .. [PAD]`` captions of ``tokens`` (min, max) tokens padded to ``max_tokens``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (n, max_tokens), generator=gen)
+    ids[:, 0] = 101
+    lengths = torch.randint(tokens[0], min(tokens[1], max_tokens) + 1, (n,), generator=gen)
+    mask = (torch.arange(max_tokens)[None] < lengths[:, None]).long()
+    return ids * mask, mask
+
+
+@torch.no_grad()
+def eval_features(model: ALBEFRetrieval, n_img: int, captions: int, max_tokens: int, device: torch.device,
+                  seed: int, batch: int = 32) -> retrieval_eval.RetrievalFeatures:
+    """Unimodal features of ``n_img`` random images and ``captions`` random captions per image."""
+    gen = torch.Generator().manual_seed(seed)
+    res = model.config.image_res
+    ids, mask = make_captions(n_img * captions, max_tokens, seed)
+    ids, mask = ids.to(device), mask.to(device)
+    images = [model.encode_image(torch.randn(min(batch, n_img - a), 3, res, res, generator=gen).to(device))
+              for a in range(0, n_img, batch)]
+    texts = [model.encode_text(ids[a:a + 8 * batch], mask[a:a + 8 * batch]) for a in range(0, ids.size(0), 8 * batch)]
+    return retrieval_eval.RetrievalFeatures(torch.cat([e for e, _ in images]), torch.cat([f for _, f in images]),
+                                            torch.cat([e for e, _ in texts]), mask, torch.cat([f for _, f in texts]))
+
+
+def _first_images(feats: retrieval_eval.RetrievalFeatures, n_img: int,
+                  captions: int) -> retrieval_eval.RetrievalFeatures:
+    """The features of the first ``n_img`` images and their captions (a warm-up problem)."""
+    n_txt = n_img * captions
+    return retrieval_eval.RetrievalFeatures(feats.image_embeds[:n_img], feats.image_feat[:n_img],
+                                            feats.text_embeds[:n_txt], feats.text_atts[:n_txt],
+                                            feats.text_feat[:n_txt])
+
+
+def bench_retrieval_eval_size(size: str, args: argparse.Namespace, device: torch.device) -> Row:
+    """Batched against per-query ITM rerank of one size on the same random features (after a warm-up)."""
+    config, model_config = retrieval_setup(size)
+    n_img = getattr(args, f"eval_images_{size}")
+    k_test = getattr(args, f"eval_k_{size}")
+    k_test = config["k_test"] if k_test is None else k_test
+    seed_everything(args.seed)
+    model = ALBEFRetrieval(model_config).to(device).eval()
+    feats = eval_features(model, n_img, args.captions, config["max_tokens"], device, args.seed)
+    warm = _first_images(feats, min(2, n_img), args.captions)
+    retrieval_eval.benchmark_rerank(model, warm, k_test, args.rerank_batch)
+    logger.info("retrieval_eval %s: %d images x %d captions, k_test %d", size, n_img, args.captions, k_test)
+    stats = retrieval_eval.benchmark_rerank(model, feats, k_test, args.rerank_batch)
+    row: Row = {"size": size, "input": f"{model_config.image_res}px T{config['max_tokens']}", "images": n_img,
+                "texts": n_img * args.captions, "k_test": k_test, "rerank_batch": args.rerank_batch}
+    row.update(stats)
+    del model, feats
+    gc.collect()
+    return row
+
+
+def bench_retrieval_eval(args: argparse.Namespace) -> list[Row]:
+    """ITM pairs reranked per second: batched evaluator against the official per-query loop, per size."""
+    device = torch.device(args.device)
+    return [bench_retrieval_eval_size(size, args, device) for size in args.sizes]
+
+
+def bench_retrieval_step_size(size: str, args: argparse.Namespace, device: torch.device) -> Row:
+    """Retrieval fine-tuning step of one size: forward (momentum update inside) + backward + AdamW."""
+    config, model_config = retrieval_setup(size)
+    batch = getattr(args, SIZES[size][2])
+    seed_everything(args.seed)
+    model = ALBEFRetrieval(model_config).to(device).train()
+    image, _, _ = make_inputs(batch, model_config.image_res, 1, device, args.seed)
+    ids, mask = (t.to(device) for t in make_captions(batch, config["max_tokens"], args.seed))
+    idx = torch.arange(batch, device=device)
+    optimizer = create_optimizer(config["optimizer"], model)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    step = train_step_fn(lambda: model(image, ids, mask, idx, alpha=args.alpha), optimizer, device.type, amp_dtype)
+    logger.info("retrieval_step %s: batch %d, %s, %.1fM parameters", size, batch, device,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    results = run_interleaved({"ours": step}, args.steps, args.warmup, device)
+    results["ours"]["peak_mb"] = results["ours"]["process_peak_mb"]
+    row = _step_row(size, batch, model_config, config["max_tokens"], results)
+    row["precision"] = "bf16-autocast" if amp_dtype else "fp32"
+    return row
+
+
+def bench_retrieval_step(args: argparse.Namespace) -> list[Row]:
+    """Retrieval fine-tuning step (ITC with id-aware queue + ITM, AdamW, momentum update) for each size."""
+    device = torch.device(args.device)
+    rows = []
+    for size in args.sizes:
+        rows.append(bench_retrieval_step_size(size, args, device))
+        gc.collect()  # the model of one size is gone before the next is built
+    return rows
+
+
 # name -> function(args) -> rows; other modules may register more sections here.
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "pretrain_step": bench_pretrain_step,
     "data_pipeline": bench_data_pipeline,
+    "retrieval_eval": bench_retrieval_eval,
+    "retrieval_step": bench_retrieval_step,
 }
 
 
@@ -415,6 +536,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--images", type=int, default=50, help="images timed by data_pipeline")
     parser.add_argument("--data-res", type=int, default=256, help="output size of the data_pipeline transform")
+    parser.add_argument("--eval-images-tiny", type=int, default=300, help="images of retrieval_eval, tiny")
+    parser.add_argument("--eval-images-full", type=int, default=8, help="images of retrieval_eval, full")
+    parser.add_argument("--captions", type=int, default=5, help="captions per image in retrieval_eval")
+    parser.add_argument("--eval-k-tiny", type=int, default=None, help="k_test of retrieval_eval, tiny (config's)")
+    parser.add_argument("--eval-k-full", type=int, default=8, help="k_test of retrieval_eval, full")
+    parser.add_argument("--rerank-batch", type=int, default=256, help="pairs per fusion batch of rerank_batched")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the official algorithm on the same model (the ratio)")
@@ -428,8 +555,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{flag}: unknown {unknown}; known: {list(known)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
-    if min(args.steps, args.images) < 1 or args.warmup < 0:
-        parser.error("--steps and --images must be >= 1, --warmup >= 0")
+    counts = (args.steps, args.images, args.eval_images_tiny, args.eval_images_full, args.captions, args.eval_k_full,
+              1 if args.eval_k_tiny is None else args.eval_k_tiny, args.rerank_batch)
+    if min(counts) < 1 or args.warmup < 0:
+        parser.error("--steps, --images, --eval-*, --captions and --rerank-batch must be >= 1, --warmup >= 0")
     return args
 
 

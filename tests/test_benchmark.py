@@ -1,0 +1,82 @@
+"""scripts/benchmark.py retrieval sections at tiny settings; the cached-fusion rerank against the plain one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from conftest import tiny_albef
+from models import retrieval_eval as ev
+from models.model_retrieval import ALBEFRetrieval
+from scripts import benchmark
+
+
+def random_features(model: ALBEFRetrieval, n_img: int, captions: int) -> ev.RetrievalFeatures:
+    """Features of random images and random captions of 2..9 tokens padded to 9."""
+    ids, att = benchmark.make_captions(n_img * captions, 9, seed=3, tokens=(2, 9))
+    with torch.no_grad():
+        image_embeds, image_feat = model.encode_image(torch.randn(n_img, 3, 32, 32))
+        text_embeds, text_feat = model.encode_text(ids, att)
+    return ev.RetrievalFeatures(image_embeds, image_feat, text_embeds, att, text_feat)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a shared machine a second thread can stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[ALBEFRetrieval, ev.RetrievalFeatures]:
+    torch.manual_seed(2)
+    model = ALBEFRetrieval(tiny_albef()).eval()
+    return model, random_features(model, n_img=7, captions=3)
+
+
+def test_cached_itm_logits_equal_model_itm_logits(tiny: tuple) -> None:
+    model, f = tiny
+    image = torch.tensor([0, 3, 3, 6, 1])
+    text = torch.tensor([2, 0, 20, 5, 5])
+    with torch.no_grad():
+        plain = model.itm_logits(f.text_embeds[text], f.text_atts[text], f.image_embeds[image])
+        states = ev.text_self_attention(model, f.text_embeds, f.text_atts, batch_size=4)[text]
+        cached = ev.itm_logits_cached(
+            model, states, f.text_atts[text], ev.image_keys_values(model, f.image_embeds), image
+        )
+    assert torch.allclose(cached, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_bytes", [1, 2**30])  # one image per key/value group; all images in one
+def test_rerank_in_kv_groups_equals_per_query(tiny: tuple, monkeypatch: pytest.MonkeyPatch, cache_bytes: int) -> None:
+    model, f = tiny
+    monkeypatch.setattr(ev, "KV_CACHE_BYTES", cache_bytes)
+    fast = ev.rerank_batched(model, f, k_test=4, batch_size=5)
+    ref = ev.rerank_per_query(model, f, k_test=4)
+    for a, b in zip(fast, ref):
+        assert torch.equal(a.indices, b.indices)
+        assert torch.allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_retrieval_sections_rows(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    flags = "--only retrieval_eval,retrieval_step --sizes tiny --eval-images-tiny 6 --captions 2 --eval-k-tiny 4"
+    flags += " --rerank-batch 5 --batch-tiny 4 --steps 2 --warmup 1"
+    argv = [*flags.split(), "--json", str(out)]
+    assert benchmark.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    (rerank,) = results["retrieval_eval"]
+    assert rerank["identical_rankings"] is True and rerank["differing_queries"] == 0
+    assert 0.0 <= rerank["max_score_diff"] < 1e-5
+    assert (rerank["size"], rerank["images"], rerank["texts"], rerank["k_test"]) == ("tiny", 6, 12, 4)
+    assert rerank["pairs"] == 4 * (6 + 12)
+    assert min(rerank["per_query_pairs_per_s"], rerank["batched_pairs_per_s"], rerank["speedup"]) > 0
+    (step,) = results["retrieval_step"]
+    assert (step["size"], step["batch"], step["precision"]) == ("tiny", 4, "fp32")
+    assert len(step["ours_steps_s"]) == 2 and step["ours_s"] > 0 and step["ours_peak_mb"] > 0
+    assert min(step["ours_fwd_s"], step["ours_bwd_s"], step["ours_opt_s"]) > 0
