@@ -418,6 +418,22 @@ def _first_images(feats: retrieval_eval.RetrievalFeatures, n_img: int,
                                             feats.text_feat[:n_txt])
 
 
+@torch.no_grad()
+def spread_weights(model: torch.nn.Module, std: float) -> None:
+    """Redraw every weight matrix at ``std`` (0: no change), then re-copy the momentum twins.
+
+    A freshly initialised small model scores all candidates of a query within about 0.01 of each other, so two
+    evaluators that sum in different orders can swap candidates whose fp32 scores tie to 1e-8; spread weights
+    give distinct scores (as a trained model does), so "identical rankings" tests the evaluator, not the ties.
+    """
+    if std <= 0:
+        return
+    for name, p in model.named_parameters():
+        if p.dim() > 1 and "_m." not in name:
+            p.normal_(0.0, std)
+    model.copy_to_momentum()
+
+
 def bench_retrieval_eval_size(size: str, args: argparse.Namespace, device: torch.device) -> Row:
     """Batched against per-query ITM rerank of one size on the same random features (after a warm-up)."""
     config, model_config = retrieval_setup(size)
@@ -426,6 +442,7 @@ def bench_retrieval_eval_size(size: str, args: argparse.Namespace, device: torch
     k_test = config["k_test"] if k_test is None else k_test
     seed_everything(args.seed)
     model = ALBEFRetrieval(model_config).to(device).eval()
+    spread_weights(model, getattr(args, f"eval_spread_{size}", 0.0))
     feats = eval_features(model, n_img, args.captions, config["max_tokens"], device, args.seed)
     warm = _first_images(feats, min(2, n_img), args.captions)
     retrieval_eval.benchmark_rerank(model, warm, k_test, args.rerank_batch)
@@ -541,6 +558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--captions", type=int, default=5, help="captions per image in retrieval_eval")
     parser.add_argument("--eval-k-tiny", type=int, default=None, help="k_test of retrieval_eval, tiny (config's)")
     parser.add_argument("--eval-k-full", type=int, default=8, help="k_test of retrieval_eval, full")
+    parser.add_argument("--eval-spread-tiny", type=float, default=0.3,
+                        help="retrieval_eval, tiny: redraw weight matrices at this std (0: keep the init)")
+    parser.add_argument("--eval-spread-full", type=float, default=0.0, help="the same for full")
     parser.add_argument("--rerank-batch", type=int, default=256, help="pairs per fusion batch of rerank_batched")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
