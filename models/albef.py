@@ -130,6 +130,16 @@ class ALBEFBase(nn.Module):
         torch._foreach_lerp_(twins, online, 1.0 - self.config.momentum)
 
     @torch.no_grad()
+    def momentum_features(
+        self, image: Tensor, input_ids: Tensor, attention_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """EMA step, then the momentum image tokens (B, 1+N, D) and image, text features (B, E), (B, E)."""
+        self.momentum_update()
+        image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
+        _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
+        return image_embeds_m, image_feat_m, text_feat_m
+
+    @torch.no_grad()
     def copy_to_momentum(self, names: list[str] | None = None) -> None:
         """Set momentum twins equal to the online weights (all, or the named online modules)."""
         for name, name_m in self.momentum_pairs:

@@ -33,10 +33,7 @@ class ALBEFPretrain(ALBEFBase):
             self.temp.clamp_(0.001, 0.5)
         image_embeds, image_feat = self.encode_image(image)  # (B, 1+N, D), (B, E)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)  # (B, T, H), (B, E)
-        with torch.no_grad():
-            self.momentum_update()
-            image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
-            _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
+        image_embeds_m, image_feat_m, text_feat_m = self.momentum_features(image, input_ids, attention_mask)
 
         loss_ita, sim_i2t, sim_t2i = self.contrastive(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
         self.enqueue(image_feat_m, text_feat_m)  # after the loss: this batch is a negative for the next one

@@ -39,10 +39,7 @@ class ALBEFRetrieval(ALBEFBase):
         """image (B, 3, R, R); input_ids, attention_mask (B, T); idx (B,) image indices of the captions."""
         image_embeds, image_feat = self.encode_image(image)  # (B, 1+N, D), (B, E)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)  # (B, T, H), (B, E)
-        with torch.no_grad():
-            self.momentum_update()
-            _, image_feat_m = self.encode_image(image, momentum=True)
-            _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
+        _, image_feat_m, text_feat_m = self.momentum_features(image, input_ids, attention_mask)
 
         loss_ita, sim_i2t, sim_t2i = self.contrastive(image_feat, text_feat, image_feat_m, text_feat_m, idx, alpha)
         self.enqueue(image_feat_m, text_feat_m, idx)  # after the loss: the batch joins the negatives

@@ -20,6 +20,7 @@ from models.bert import BertConfig
 from models.checkpoint import load_weights
 from models.model_pretrain import ALBEFPretrain
 from models.model_retrieval import ALBEFRetrieval
+from scripts.benchmark import spread_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -230,11 +231,7 @@ def spread_checkpoint(path: str) -> str:
     config = utils.load_config(os.path.join(ROOT, "configs", "toy", "Retrieval.yaml"), Retrieval.DEFAULTS,
                                ["toy_world=''", "image_res=32", "queue_size=48"])
     model = ALBEFRetrieval(ALBEFConfig.from_config(config))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1 and "_m." not in name:
-                p.normal_(0.0, 0.3)
-        model.copy_to_momentum()
+    spread_weights(model, 0.3)
     torch.save({"model": model.state_dict()}, path)
     return path
 
