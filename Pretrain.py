@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "max_tokens": 25,  # tokenizer length incl. [CLS]
     "crop_scale": [0.2, 1.0],  # RandomResizedCrop scale
     "warm_up": True,  # ramp alpha over epoch 0 (always on in the official pre-training)
+    # first N steps: ITC alone on in-batch negatives, no queue (ITM, MLM logged without gradient).
+    # 0 (official) when starting from DeiT/BERT weights; a model trained from scratch needs it.
+    "itc_warmup_steps": 0,
     "vit_init": "",  # DeiT-B/16 ImageNet checkpoint (.pth) for the ViT, '' for none
     "bert_init": False,  # initialise BERT from --text_encoder (local folder or HF cache)
     # temp_lr_scale: lr multiplier of the learnable temperature (1: official)
@@ -58,10 +61,11 @@ def build_model(config: dict, tokenizer: TextTokenizer, text_encoder: str) -> AL
 def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device):
     """Batch -> named losses. The batch is (images (B, 3, R, R), captions list[str])."""
 
-    def step(model: torch.nn.Module, batch: tuple, alpha: float) -> dict[str, torch.Tensor]:
+    def step(model: torch.nn.Module, batch: tuple, alpha: float, global_step: int) -> dict[str, torch.Tensor]:
         image, captions = batch
         text = tokenizer(captions, max_length=config["max_tokens"]).to(device, non_blocking=True)
-        return model(image.to(device, non_blocking=True), text.input_ids, text.attention_mask, alpha=alpha)
+        return model(image.to(device, non_blocking=True), text.input_ids, text.attention_mask, alpha=alpha,
+                     itc_warmup=global_step < config["itc_warmup_steps"])
 
     return step
 

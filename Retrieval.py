@@ -78,7 +78,7 @@ def check_config(config: dict) -> None:
 def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device) -> Callable:
     """Batch -> named losses; the batch is (images (B, 3, R, R), captions list[str], image indices (B,))."""
 
-    def step(model: torch.nn.Module, batch: tuple, alpha: float) -> dict[str, torch.Tensor]:
+    def step(model: torch.nn.Module, batch: tuple, alpha: float, global_step: int) -> dict[str, torch.Tensor]:
         image, captions, idx = batch
         text = tokenizer(captions, max_length=config["max_tokens"]).to(device, non_blocking=True)
         return model(image.to(device, non_blocking=True), text.input_ids, text.attention_mask,

@@ -563,7 +563,7 @@ def _backward_step(total: torch.Tensor, model: torch.nn.Module, optimizer: torch
 
 
 def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    epoch: int, step_fn: Callable[[torch.nn.Module, Any, float], dict[str, torch.Tensor]], *,
+                    epoch: int, step_fn: Callable[[torch.nn.Module, Any, float, int], dict[str, torch.Tensor]], *,
                     device: torch.device, alpha: float, warm_up: bool, amp: str = "off", scaler: Any = None,
                     grad_clip: float = 0.0, start_step: int = 0,
                     on_step: Callable[[int, int], None] | None = None, nonfinite: str = "stop",
@@ -572,11 +572,13 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
     """Train ``model`` for one epoch (from iteration ``start_step``) and return the mean losses and 'lr'.
 
     A resumed loader already skips the first ``start_step`` batches: the epoch has ``start_step + len(loader)``.
-    Each batch is a tuple whose last element counts dropped samples, or None. ``step_fn(model, batch[:-1],
-    alpha_i)`` returns named scalar tensors; those whose key starts with 'loss' are summed into the total,
-    the rest are only averaged. alpha ramps as ``alpha * min(1, i / len(loader))`` in epoch 0 when
-    ``warm_up``. A non-finite total raises ``NonFiniteLossError`` (``nonfinite='stop'``) or skips the update
-    (``'skip'``, counted in ``skip_counter['nonfinite']``). ``on_step(epoch, i + 1)`` runs after every iteration.
+    Each batch is a tuple whose last element counts dropped samples, or None.
+    ``step_fn(model, batch[:-1], alpha_i, global_step)`` (``global_step = epoch * steps_per_epoch + i``)
+    returns named scalar tensors; those whose key starts with 'loss' are summed into the total, the rest
+    are only averaged. alpha ramps as ``alpha * min(1, i / len(loader))`` in epoch 0 when ``warm_up``.
+    A non-finite total raises ``NonFiniteLossError`` (``nonfinite='stop'``) or skips the update
+    (``'skip'``, counted in ``skip_counter['nonfinite']``). ``on_step(epoch, i + 1)`` runs after every
+    iteration.
     """
     if nonfinite not in ("stop", "skip"):
         raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
@@ -599,7 +601,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
                 alpha_i = alpha * min(1.0, i / num_steps) if epoch == 0 and warm_up else alpha
                 lr = scheduler.step(epoch, i)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    losses = step_fn(model, batch, alpha_i)
+                    losses = step_fn(model, batch, alpha_i, epoch * num_steps + i)
                 total = _total_loss(losses)
                 if _all_finite(total):
                     _backward_step(total, model, optimizer, scaler, grad_clip)

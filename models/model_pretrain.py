@@ -27,15 +27,22 @@ class ALBEFPretrain(ALBEFBase):
 
     def forward(
         self, image: Tensor, input_ids: Tensor, attention_mask: Tensor, alpha: float = 0.0,
+        itc_warmup: bool = False,
     ) -> dict[str, Tensor]:
-        """image (B, 3, R, R); input_ids, attention_mask (B, T) as ``[CLS] w1 .. wn [PAD]..``."""
+        """image (B, 3, R, R); input_ids, attention_mask (B, T) as ``[CLS] w1 .. wn [PAD]..``.
+
+        ``itc_warmup``: ITC alone, against the in-batch momentum features only (the queue is still
+        filled); ITM and MLM are computed and returned for the log but carry no gradient. A model
+        trained from scratch needs this to leave its initial plateau (see ``itc_warmup_steps``).
+        """
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_embeds, image_feat = self.encode_image(image)  # (B, 1+N, D), (B, E)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)  # (B, T, H), (B, E)
         image_embeds_m, image_feat_m, text_feat_m = self.momentum_features(image, input_ids, attention_mask)
 
-        loss_ita, sim_i2t, sim_t2i = self.contrastive(image_feat, text_feat, image_feat_m, text_feat_m, alpha)
+        loss_ita, sim_i2t, sim_t2i = self.contrastive(image_feat, text_feat, image_feat_m, text_feat_m, alpha,
+                                                      use_queue=not itc_warmup)
         self.enqueue(image_feat_m, text_feat_m)  # after the loss: this batch is a negative for the next one
 
         bs = image.size(0)
@@ -43,19 +50,23 @@ class ALBEFPretrain(ALBEFBase):
         loss_itm = self.itm_with_hard_negatives(image_embeds, text_embeds, attention_mask,
                                                 sim_i2t[:, :bs], sim_t2i[:, :bs], positive)
         loss_mlm = self.masked_lm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha)
+        if itc_warmup:  # same values, zero gradients (every parameter still takes part, as DDP requires)
+            loss_itm, loss_mlm = (loss.detach() + 0.0 * loss for loss in (loss_itm, loss_mlm))
         return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm}
 
     def contrastive(
         self, image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_feat_m: Tensor, alpha: float,
+        use_queue: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """ITC against [momentum batch features, queue] with MoD soft targets (eqs. 1-2, 6).
 
-        Returns the loss and the online similarities sim_i2t, sim_t2i (B, B + Q).
+        Returns the loss and the online similarities sim_i2t, sim_t2i (B, B + Q), or (B, B) without the queue.
         """
         with torch.no_grad():
             # torch.cat copies the queues, so the in-place enqueue after the loss cannot alter them
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue], dim=1)  # (E, B + Q)
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue], dim=1)
+            queues = (self.image_queue, self.text_queue) if use_queue else (self.image_queue[:, :0],) * 2
+            image_feat_all = torch.cat([image_feat_m.t(), queues[0]], dim=1)  # (E, B + Q)
+            text_feat_all = torch.cat([text_feat_m.t(), queues[1]], dim=1)
             sim_i2t_m = image_feat_m @ text_feat_all / self.temp
             sim_t2i_m = text_feat_m @ image_feat_all / self.temp
             hard = torch.zeros_like(sim_i2t_m)

@@ -47,10 +47,10 @@ def probing(make_step_fn: Callable, records: list[dict]) -> Callable:
     def make(tokenizer: object, config: dict, device: torch.device) -> Callable:
         step = make_step_fn(tokenizer, config, device)
 
-        def probed(model: torch.nn.Module, batch: tuple, alpha: float) -> dict[str, torch.Tensor]:
+        def probed(model: torch.nn.Module, batch: tuple, alpha: float, global_step: int) -> dict[str, torch.Tensor]:
             params = dict(utils._unwrap(model).named_parameters())
             before = {k: params[k].detach().cpu().clone() for k in ITC_ONLY}
-            losses = step(model, batch, alpha)
+            losses = step(model, batch, alpha, global_step)
             image, captions = batch
             records.append(
                 {

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_albef
 from models.albef import ALBEFConfig
@@ -109,6 +110,32 @@ def test_contrastive_targets_at_alpha_zero_are_the_diagonal() -> None:
     assert sim_i2t.shape == (3, 3 + 12)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
+
+
+def test_itc_warmup_uses_the_batch_only_and_trains_itc_alone() -> None:
+    model = ALBEFPretrain(tiny_albef(queue_size=6, momentum=0.0)).eval()  # eval: no dropout
+    image, ids, mask = batch(3)
+    queue_before = model.image_queue.clone()
+    torch.manual_seed(1)
+    full = model(image, ids, mask, alpha=0.0)
+    model.zero_grad()
+    torch.manual_seed(1)
+    warm = model(image, ids, mask, alpha=0.0, itc_warmup=True)
+    # the queue was still filled by both calls: 3 + 3 columns overwrite all of the 6 random ones
+    assert model.queue_ptr.item() == 0 and not torch.isclose(model.image_queue, queue_before).any()
+    # momentum 0: the momentum features are the online ones, so the in-batch loss is a plain CLIP loss
+    image_feat = model.encode_image(image)[1]
+    text_feat = model.encode_text(ids, mask)[1]
+    sim = image_feat @ text_feat.t() / model.temp
+    clip = (F.cross_entropy(sim, torch.arange(3)) + F.cross_entropy(sim.t(), torch.arange(3))) / 2
+    assert warm["loss_ita"].item() == pytest.approx(clip.item(), rel=1e-5)
+    # ITM and MLM keep their values (same random draws) for the log but give no gradient
+    assert warm["loss_itm"].item() == pytest.approx(full["loss_itm"].item(), rel=1e-6)
+    assert warm["loss_mlm"].item() == pytest.approx(full["loss_mlm"].item(), rel=1e-6)
+    (warm["loss_itm"] + warm["loss_mlm"]).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert len(grads) > 10 and all(g.abs().sum() == 0 for g in grads)
+    assert model.itm_head.weight.grad is not None  # the parameters still take part (DDP)
 
 def test_released_pretrain_checkpoint_loads_strictly_at_full_size() -> None:
     rows = read_manifest("albef_base_pretrain_keys.txt")

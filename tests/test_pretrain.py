@@ -20,7 +20,7 @@ from dataset.toy_world import ensure_toy_world
 
 TINY = ["bert_config=configs/toy/config_bert.json", "image_res=32", "vision_width=128",
         "vit={patch_size: 8, depth: 2, heads: 4}", "embed_dim=32", "batch_size=8", "queue_size=40",
-        "num_workers=0", "max_tokens=24", "log_every=1"]
+        "num_workers=0", "max_tokens=24", "log_every=1", "itc_warmup_steps=3"]
 
 
 @pytest.fixture(scope="module")

@@ -358,7 +358,7 @@ def _setup(n: int = 10, lr: float = 0.05):
 def _mse_step(record: list | None = None, bad_step: int | None = None):
     calls = {"n": 0}
 
-    def step_fn(model, batch, alpha):
+    def step_fn(model, batch, alpha, global_step):
         if record is not None:
             record.append(alpha)
         x, y = batch
