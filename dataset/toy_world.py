@@ -363,7 +363,7 @@ def _install(tmp: Path, root: Path, params: dict[str, int]) -> None:
 def ensure_toy_world(
     root: str,
     seed: int = 0,
-    n_train: int = 10000,
+    n_train: int = 3000,
     n_val: int = 200,
     n_test: int = 250,
     image_size: int = 64,
@@ -403,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description="Generate the offline ALBEF toy world.")
     parser.add_argument("--root", default="data/toy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n_train", type=int, default=10000)
+    parser.add_argument("--n_train", type=int, default=3000)
     parser.add_argument("--n_val", type=int, default=200)
     parser.add_argument("--n_test", type=int, default=250)
     parser.add_argument("--image_size", type=int, default=64)
