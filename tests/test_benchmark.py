@@ -72,7 +72,7 @@ def test_retrieval_sections_rows(tmp_path) -> None:
     results = json.loads(out.read_text())["results"]
     (rerank,) = results["retrieval_eval"]
     assert rerank["identical_rankings"] is True and rerank["differing_queries"] == 0
-    assert 0.0 <= rerank["max_score_diff"] < 1e-5
+    assert 0.0 <= rerank["max_score_diff"] < 1e-4  # float32 rounding: other summation order, logits of O(10)
     assert (rerank["size"], rerank["images"], rerank["texts"], rerank["k_test"]) == ("tiny", 6, 12, 4)
     assert rerank["pairs"] == 4 * (6 + 12)
     assert min(rerank["per_query_pairs_per_s"], rerank["batched_pairs_per_s"], rerank["speedup"]) > 0

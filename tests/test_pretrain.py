@@ -176,9 +176,10 @@ def one_caption_per_image(world: str, path: str) -> str:
 
 
 def bert_without_dropout(path: str) -> str:
-    """configs/toy/config_bert.json with dropout 0: dropout masks come from each rank's random stream."""
+    """configs/toy/config_bert.json with dropout 0 (dropout masks come from each rank's random stream) and
+    BERT's usual init std 0.02, with which the tolerances of the 2-process test were measured."""
     config = json.load(open(os.path.join(ROOT, "configs", "toy", "config_bert.json")))
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02)
     with open(path, "w") as f:
         json.dump(config, f)
     return path
@@ -210,7 +211,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(world: str, tmp_pa
     queue holds the single run's 8 features in the order 0 2 4 6 1 3 5 7.
 
     Legitimate differences: each rank's ITC softmax sees its own 4 momentum features plus the shared queue
-    (4096 entries, alpha 0) instead of 8; ITM hard negatives are drawn from each rank's own 4 items; MLM
+    (4096 entries, alpha 0, no ITC warm-up) instead of 8; ITM hard negatives are drawn from each rank's own 4 items; MLM
     masks come from each rank's random stream. So losses are compared with tolerances, and the weights only
     for the ITC-only parameters, whose gradient is the (all-reduced) ITC gradient.
 
@@ -222,7 +223,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(world: str, tmp_pa
     """
     one_caption = one_caption_per_image(world, str(tmp_path / "one_caption.json"))
     common = [f"train_file=[{one_caption}]", f"bert_config={bert_without_dropout(str(tmp_path / 'bert.json'))}",
-              "queue_size=4096", "alpha=0"]
+              "queue_size=4096", "alpha=0", "itc_warmup_steps=0"]  # the queue in every step (see above)
     probe_run(1, str(tmp_path / "one"), argv(world, str(tmp_path / "one"), *common, "batch_size=8", epochs=1))
     probe_run(2, str(tmp_path / "two"), argv(world, str(tmp_path / "two"), *common, "batch_size=4", epochs=1))
     one = torch.load(tmp_path / "one.rank0.pt", weights_only=True)
