@@ -116,10 +116,17 @@ class BertSelfAttention(nn.Module):
         b, t, _ = x.shape  # (B, T, H) -> (B, nh, T, hs)
         return x.view(b, t, self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, hidden: Tensor, mask: Tensor | None, kv: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        """hidden (B, T, H); kv (B, S, W) for cross-attention; mask additive (B, 1, 1|T, S) or None."""
-        kv = hidden if kv is None else kv
-        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(kv)), self._heads(self.value(kv))
+    def forward(self, hidden: Tensor, mask: Tensor | None, kv: Tensor | None = None, is_causal: bool = False,
+                keys_values: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """hidden (B, T, H); kv (B, S, W) for cross-attention; mask additive (B, 1, 1|T, S) or None.
+
+        ``keys_values``: ``(self.key(kv), self.value(kv))`` (B, S, H) already computed, for callers that
+        reuse one image's keys and values across many texts (retrieval reranking); ``kv`` is then unused.
+        """
+        if keys_values is None:
+            kv = hidden if kv is None else kv
+            keys_values = self.key(kv), self.value(kv)
+        q, k, v = self._heads(self.query(hidden)), self._heads(keys_values[0]), self._heads(keys_values[1])
         if self.save_attention:
             out = self._explicit_attention(q, k, v, mask)
         else:
@@ -164,8 +171,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, is_cross)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden: Tensor, mask: Tensor | None, kv: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        return self.output(self.self(hidden, mask, kv, is_causal), hidden)
+    def forward(self, hidden: Tensor, mask: Tensor | None, kv: Tensor | None = None, is_causal: bool = False,
+                keys_values: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return self.output(self.self(hidden, mask, kv, is_causal, keys_values), hidden)
 
 
 class BertIntermediate(nn.Module):

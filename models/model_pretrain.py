@@ -64,9 +64,11 @@ class ALBEFPretrain(ALBEFBase):
         """
         with torch.no_grad():
             # torch.cat copies the queues, so the in-place enqueue after the loss cannot alter them
-            queues = (self.image_queue, self.text_queue) if use_queue else (self.image_queue[:, :0],) * 2
-            image_feat_all = torch.cat([image_feat_m.t(), queues[0]], dim=1)  # (E, B + Q)
-            text_feat_all = torch.cat([text_feat_m.t(), queues[1]], dim=1)
+            image_queue, text_queue = self.image_queue, self.text_queue  # (E, Q)
+            if not use_queue:
+                image_queue, text_queue = image_queue[:, :0], text_queue[:, :0]  # (E, 0)
+            image_feat_all = torch.cat([image_feat_m.t(), image_queue], dim=1)  # (E, B + Q)
+            text_feat_all = torch.cat([text_feat_m.t(), text_queue], dim=1)
             sim_i2t_m = image_feat_m @ text_feat_all / self.temp
             sim_t2i_m = text_feat_m @ image_feat_all / self.temp
             hard = torch.zeros_like(sim_i2t_m)

@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import utils
@@ -151,11 +150,6 @@ def _fusion_layers(model: nn.Module) -> nn.ModuleList:
     return bert.encoder.layer[bert.config.fusion_layer:]
 
 
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """(B, S, H) -> (B, heads, S, H / heads)."""
-    return x.view(x.size(0), x.size(1), heads, -1).transpose(1, 2)
-
-
 def image_keys_values(model: nn.Module, image_embeds: Tensor) -> list[tuple[Tensor, Tensor]]:
     """Cross-attention keys and values of every fusion layer for images (n, S, D): [((n, S, H), (n, S, H))]."""
     return [(layer.crossattention.self.key(image_embeds), layer.crossattention.self.value(image_embeds))
@@ -196,12 +190,8 @@ def itm_logits_cached(model: nn.Module, text_states: Tensor, text_atts: Tensor,
         rows = hidden[:, :1] if n == len(layers) - 1 else hidden
         if n > 0:
             rows = layer.attention(rows, mask, hidden)  # queries `rows`, keys every token of `hidden`
-        cross = layer.crossattention
-        heads = cross.self.num_heads
-        context = F.scaled_dot_product_attention(_split_heads(cross.self.query(rows), heads),
-                                                 _split_heads(_gather(keys, image, key_buf), heads),
-                                                 _split_heads(_gather(values, image, value_buf), heads))
-        rows = cross.output(context.transpose(1, 2).flatten(2), rows)
+        rows = layer.crossattention(rows, None, keys_values=(_gather(keys, image, key_buf),
+                                                             _gather(values, image, value_buf)))
         hidden = layer.output(layer.intermediate(rows), rows)
     return model.itm_head(hidden[:, 0])
 
