@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import utils
+
 from models.albef import ALBEFBase, ALBEFConfig
 from models.bert import BertForMaskedLM
 from models.losses import itc_loss, mask_tokens, mlm_loss, soft_targets
@@ -32,8 +34,9 @@ class ALBEFPretrain(ALBEFBase):
         """image (B, 3, R, R); input_ids, attention_mask (B, T) as ``[CLS] w1 .. wn [PAD]..``.
 
         ``itc_warmup``: ITC alone, against the in-batch momentum features only (the queue is still
-        filled); ITM and MLM are computed and returned for the log but carry no gradient. A model
-        trained from scratch needs this to leave its initial plateau (see ``itc_warmup_steps``).
+        filled); ITM and MLM are skipped, so only ``loss_ita`` is returned, at about half the cost of a
+        full step. A model trained from scratch needs this to leave its initial plateau (see
+        ``itc_warmup_steps``).
         """
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -44,15 +47,25 @@ class ALBEFPretrain(ALBEFBase):
         loss_ita, sim_i2t, sim_t2i = self.contrastive(image_feat, text_feat, image_feat_m, text_feat_m, alpha,
                                                       use_queue=not itc_warmup)
         self.enqueue(image_feat_m, text_feat_m)  # after the loss: this batch is a negative for the next one
+        if itc_warmup:
+            return {"loss_ita": loss_ita + self._ddp_anchor()}
 
         bs = image.size(0)
         positive = torch.eye(bs, dtype=torch.bool, device=image.device)
         loss_itm = self.itm_with_hard_negatives(image_embeds, text_embeds, attention_mask,
                                                 sim_i2t[:, :bs], sim_t2i[:, :bs], positive)
         loss_mlm = self.masked_lm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha)
-        if itc_warmup:  # same values, zero gradients (every parameter still takes part, as DDP requires)
-            loss_itm, loss_mlm = (loss.detach() + 0.0 * loss for loss in (loss_itm, loss_mlm))
         return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm}
+
+    def _ddp_anchor(self) -> Tensor | float:
+        """0 that depends on every trainable parameter when distributed, 0.0 otherwise.
+
+        DistributedDataParallel expects a gradient for every parameter in every step; the fusion layers and
+        heads that an ITC-only step leaves out get an exact zero through this term.
+        """
+        if not utils.is_dist_initialized():
+            return 0.0
+        return 0.0 * sum(p.reshape(-1)[:1].sum() for p in self.parameters() if p.requires_grad)
 
     def contrastive(
         self, image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_feat_m: Tensor, alpha: float,

@@ -116,10 +116,7 @@ def test_itc_warmup_uses_the_batch_only_and_trains_itc_alone() -> None:
     model = ALBEFPretrain(tiny_albef(queue_size=6, momentum=0.0)).eval()  # eval: no dropout
     image, ids, mask = batch(3)
     queue_before = model.image_queue.clone()
-    torch.manual_seed(1)
-    full = model(image, ids, mask, alpha=0.0)
-    model.zero_grad()
-    torch.manual_seed(1)
+    model(image, ids, mask, alpha=0.0)
     warm = model(image, ids, mask, alpha=0.0, itc_warmup=True)
     # the queue was still filled by both calls: 3 + 3 columns overwrite all of the 6 random ones
     assert model.queue_ptr.item() == 0 and not torch.isclose(model.image_queue, queue_before).any()
@@ -128,14 +125,16 @@ def test_itc_warmup_uses_the_batch_only_and_trains_itc_alone() -> None:
     text_feat = model.encode_text(ids, mask)[1]
     sim = image_feat @ text_feat.t() / model.temp
     clip = (F.cross_entropy(sim, torch.arange(3)) + F.cross_entropy(sim.t(), torch.arange(3))) / 2
+    assert list(warm) == ["loss_ita"]
     assert warm["loss_ita"].item() == pytest.approx(clip.item(), rel=1e-5)
-    # ITM and MLM keep their values (same random draws) for the log but give no gradient
-    assert warm["loss_itm"].item() == pytest.approx(full["loss_itm"].item(), rel=1e-6)
-    assert warm["loss_mlm"].item() == pytest.approx(full["loss_mlm"].item(), rel=1e-6)
-    (warm["loss_itm"] + warm["loss_mlm"]).backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    assert len(grads) > 10 and all(g.abs().sum() == 0 for g in grads)
-    assert model.itm_head.weight.grad is not None  # the parameters still take part (DDP)
+    model.zero_grad(set_to_none=True)
+    warm["loss_ita"].backward()
+    assert model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    # ITM and MLM are skipped: the ITM head and the fusion layers get no gradient at all
+    fusion = model.bert.encoder.layer[model.config.bert.fusion_layer]
+    assert model.itm_head.weight.grad is None and fusion.crossattention.self.key.weight.grad is None
+
 
 def test_released_pretrain_checkpoint_loads_strictly_at_full_size() -> None:
     rows = read_manifest("albef_base_pretrain_keys.txt")
