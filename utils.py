@@ -191,8 +191,8 @@ def get_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dist_url", default="env://")
     p.add_argument("--distributed", action=_BoolFlag, default=None,
                    help="true/false (or --no-distributed); default: auto-detect from RANK/WORLD_SIZE")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides, dotted keys for nested values, YAML values")
+    p.add_argument("--override", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, dotted keys for nested values, YAML values; repeatable")
     return p
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import utils
-from models.bert import BertConfig, BertForMaskedLM, BertModel
+from models.bert import BertConfig, BertForMaskedLM, BertModel, ImageKV
 from models.losses import itm_loss, sample_negatives
 from models.vit import build_vit
 
@@ -115,9 +115,10 @@ class ALBEFBase(nn.Module):
         embeds = bert.encode_text(input_ids, attention_mask)
         return embeds, F.normalize(proj(embeds[:, 0]), dim=-1)
 
-    def itm_logits(self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor) -> Tensor:
-        """Fusion of (B, T, H) text states with (B, S, D) image tokens -> ITM logits (B, 2)."""
-        return self.itm_head(self.bert.fuse(text_embeds, attention_mask, image_embeds)[:, 0])
+    def itm_logits(self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor | None,
+                   image_kv: ImageKV | None = None) -> Tensor:
+        """Fusion of (B, T, H) text states with (B, S, D) image tokens (or their ``image_kv``) -> ITM logits (B, 2)."""
+        return self.itm_head(self.bert.fuse(text_embeds, attention_mask, image_embeds, image_kv=image_kv)[:, 0])
 
     # ------------------------------------------------------------- momentum
     @torch.no_grad()
@@ -168,21 +169,28 @@ class ALBEFBase(nn.Module):
     # --------------------------------------------------------------- ITM
     def itm_with_hard_negatives(
         self, image_embeds: Tensor, text_embeds: Tensor, attention_mask: Tensor,
-        sim_i2t: Tensor, sim_t2i: Tensor, positive: Tensor,
+        sim_i2t: Tensor, sim_t2i: Tensor, positive: Tensor, image_kv: ImageKV | None = None,
     ) -> Tensor:
         """ITM loss on B positives, B (text, hard-negative image) and B (hard-negative text, image) pairs.
 
         sim_i2t, sim_t2i: (B, B) in-batch similarities used as sampling weights (no gradient);
-        positive: (B, B) bool, pairs that must not be drawn as negatives.
+        positive: (B, B) bool, pairs that must not be drawn as negatives; image_kv: the cross-attention keys
+        and values of ``image_embeds`` (``bert.image_keys_values``) if the caller has them. Each image is
+        projected once and its keys and values gathered for the 3B pairs: the same math as fusing
+        ``[image_embeds, image_embeds[neg], image_embeds]``, with a third of the projections.
         """
         bs = image_embeds.size(0)
         with torch.no_grad():
             neg_image, valid_image = sample_negatives(sim_t2i, positive)  # a negative image per text
             neg_text, valid_text = sample_negatives(sim_i2t, positive)  # a negative text per image
-        image_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], dim=0)  # (3B, S, D)
+        if image_kv is None:
+            image_kv = self.bert.image_keys_values(image_embeds)
+        same = torch.arange(bs, device=neg_image.device)
+        image_all = torch.cat([same, neg_image, same])  # (3B,) image of each pair
+        kv_all = [(k.index_select(0, image_all), v.index_select(0, image_all)) for k, v in image_kv]  # (3B, S, H)
         text_all = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]], dim=0)  # (3B, T, H)
         mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]], dim=0)
-        logits = self.itm_logits(text_all, mask_all, image_all)  # (3B, 2)
+        logits = self.itm_logits(text_all, mask_all, None, image_kv=kv_all)  # (3B, 2)
         labels = torch.zeros(3 * bs, dtype=torch.long, device=logits.device)
         labels[:bs] = 1
         weight = torch.cat([torch.ones_like(valid_image), valid_image, valid_text]).to(logits.dtype)

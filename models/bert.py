@@ -29,6 +29,7 @@ _HF_METADATA_KEYS = {
 }
 # Additive mask value for padded text keys, as in the official implementation.
 MASK_VALUE = -10000.0
+ImageKV = list[tuple[Tensor, Tensor]]  # per fusion layer: cross-attention keys, values (B, S, H)
 
 
 @dataclass
@@ -211,12 +212,14 @@ class BertLayer(nn.Module):
     def forward(
         self, hidden: Tensor, mask: Tensor | None, image: Tensor | None = None,
         image_mask: Tensor | None = None, is_causal: bool = False,
+        image_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
+        """``image_kv``: this layer's cross-attention keys and values of ``image``, when already computed."""
         hidden = self.attention(hidden, mask, is_causal=is_causal)
         if self.has_cross_attention:
-            if image is None:
+            if image is None and image_kv is None:
                 raise ValueError("a fusion layer needs the image (encoder) hidden states")
-            hidden = self.crossattention(hidden, image_mask, image)
+            hidden = self.crossattention(hidden, image_mask, image, keys_values=image_kv)
         return self.output(self.intermediate(hidden), hidden)
 
 
@@ -228,14 +231,17 @@ class BertEncoder(nn.Module):
 
     def forward(
         self, hidden: Tensor, mask: Tensor | None, start: int, end: int, image: Tensor | None = None,
-        image_mask: Tensor | None = None, is_causal: bool = False,
+        image_mask: Tensor | None = None, is_causal: bool = False, image_kv: ImageKV | None = None,
     ) -> Tensor:
-        """Run layers [start, end) on hidden (B, T, H); image (B, S, W) for fusion layers."""
+        """Run layers [start, end) on hidden (B, T, H); image (B, S, W) for fusion layers, or ``image_kv``:
+        their cross-attention keys and values, one (B, S, H) pair per fusion layer run, in order."""
+        kvs = iter(image_kv or ())
         for layer in self.layer[start:end]:
+            kv = next(kvs) if image_kv is not None and layer.has_cross_attention else None
             if self.grad_ckpt and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, mask, image, image_mask, is_causal, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, mask, image, image_mask, is_causal, kv, use_reentrant=False)
             else:
-                hidden = layer(hidden, mask, image, image_mask, is_causal)
+                hidden = layer(hidden, mask, image, image_mask, is_causal, kv)
         return hidden
 
 
@@ -264,25 +270,36 @@ class BertModel(nn.Module):
         mask = extended_mask(attention_mask, hidden.dtype)
         return self.encoder(hidden, mask, 0, self.config.fusion_layer)
 
+    def image_keys_values(self, image_embeds: Tensor) -> ImageKV:
+        """Cross-attention keys and values of every fusion layer for image tokens (B, S, W): [((B, S, H), ...)].
+
+        Passed as ``image_kv`` to :meth:`fuse` or :meth:`forward`, with rows gathered per pair, they spare
+        projecting the same image again for each text it is paired with (ITM negatives, MLM, reranking).
+        """
+        return [(layer.crossattention.self.key(image_embeds), layer.crossattention.self.value(image_embeds))
+                for layer in self.encoder.layer[self.config.fusion_layer:]]
+
     def fuse(
-        self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor,
-        image_atts: Tensor | None = None,
+        self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor | None,
+        image_atts: Tensor | None = None, image_kv: ImageKV | None = None,
     ) -> Tensor:
         """Fusion layers on text states (B, T, H) and image tokens (B, S, W) -> (B, T, H) (``mode='fusion'``)."""
         mask = extended_mask(attention_mask, text_embeds.dtype)
         image_mask = None if image_atts is None else extended_mask(image_atts, text_embeds.dtype)
         cfg = self.config
-        return self.encoder(text_embeds, mask, cfg.fusion_layer, cfg.num_hidden_layers, image_embeds, image_mask)
+        return self.encoder(text_embeds, mask, cfg.fusion_layer, cfg.num_hidden_layers, image_embeds, image_mask,
+                            image_kv=image_kv)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor | None = None,
-        image_atts: Tensor | None = None, is_causal: bool = False,
+        image_atts: Tensor | None = None, is_causal: bool = False, image_kv: ImageKV | None = None,
     ) -> Tensor:
         """All layers (official ``mode='multi_modal'``): (B, T) ids -> (B, T, H)."""
         hidden = self.embeddings(input_ids)
         mask = extended_mask(attention_mask, hidden.dtype)
         image_mask = None if image_atts is None else extended_mask(image_atts, hidden.dtype)
-        return self.encoder(hidden, mask, 0, self.config.num_hidden_layers, image_embeds, image_mask, is_causal)
+        return self.encoder(hidden, mask, 0, self.config.num_hidden_layers, image_embeds, image_mask, is_causal,
+                            image_kv)
 
 
 class BertPredictionHeadTransform(nn.Module):

@@ -10,9 +10,8 @@ import torch
 from torch import Tensor
 
 import utils
-
 from models.albef import ALBEFBase, ALBEFConfig
-from models.bert import BertForMaskedLM
+from models.bert import BertForMaskedLM, ImageKV
 from models.losses import itc_loss, mask_tokens, mlm_loss, soft_targets
 
 
@@ -52,9 +51,10 @@ class ALBEFPretrain(ALBEFBase):
 
         bs = image.size(0)
         positive = torch.eye(bs, dtype=torch.bool, device=image.device)
+        image_kv = self.bert.image_keys_values(image_embeds)  # projected once for ITM and MLM
         loss_itm = self.itm_with_hard_negatives(image_embeds, text_embeds, attention_mask,
-                                                sim_i2t[:, :bs], sim_t2i[:, :bs], positive)
-        loss_mlm = self.masked_lm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha)
+                                                sim_i2t[:, :bs], sim_t2i[:, :bs], positive, image_kv)
+        loss_mlm = self.masked_lm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha, image_kv)
         return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm}
 
     def _ddp_anchor(self) -> Tensor | float:
@@ -94,7 +94,7 @@ class ALBEFPretrain(ALBEFBase):
 
     def masked_lm(
         self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor, image_embeds_m: Tensor,
-        alpha: float,
+        alpha: float, image_kv: ImageKV | None = None,
     ) -> Tensor:
         """MLM conditioned on the image, distilled from the momentum model (eq. 7).
 
@@ -108,6 +108,6 @@ class ALBEFPretrain(ALBEFBase):
             with torch.no_grad():
                 hidden_m = self.text_encoder_m.bert(masked_ids, attention_mask, image_embeds_m)
                 soft = self.text_encoder_m.logits_at(hidden_m, positions).softmax(dim=-1)  # (M, V)
-        hidden = self.text_encoder.bert(masked_ids, attention_mask, image_embeds)  # (B, T, H)
+        hidden = self.text_encoder.bert(masked_ids, attention_mask, image_embeds, image_kv=image_kv)  # (B, T, H)
         logits = self.text_encoder.logits_at(hidden, positions)  # (M, V)
         return mlm_loss(logits, labels[positions], soft, alpha)

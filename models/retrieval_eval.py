@@ -152,8 +152,7 @@ def _fusion_layers(model: nn.Module) -> nn.ModuleList:
 
 def image_keys_values(model: nn.Module, image_embeds: Tensor) -> list[tuple[Tensor, Tensor]]:
     """Cross-attention keys and values of every fusion layer for images (n, S, D): [((n, S, H), (n, S, H))]."""
-    return [(layer.crossattention.self.key(image_embeds), layer.crossattention.self.value(image_embeds))
-            for layer in _fusion_layers(model)]
+    return model.bert.image_keys_values(image_embeds)
 
 
 def text_self_attention(model: nn.Module, text_embeds: Tensor, text_atts: Tensor, batch_size: int = 256) -> Tensor:

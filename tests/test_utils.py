@@ -131,6 +131,12 @@ def test_parser_defaults() -> None:
     assert args.seed == 42 and args.world_size == 1 and args.override == [] and not args.evaluate
 
 
+def test_repeated_override_flags_accumulate() -> None:
+    args = utils.get_parser("t").parse_args(BASE_ARGS + ["--override", "a=1", "b=2", "--override", "c=3"])
+    assert args.override == ["a=1", "b=2", "c=3"]
+    assert utils.get_parser("t").parse_args(BASE_ARGS).override == []  # the default list is not shared
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--distributed", "False"], False), (["--distributed", "false"], False), (["--distributed", "0"], False),
     (["--no-distributed"], False), (["--distributed"], True), (["--distributed", "True"], True),
