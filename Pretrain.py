@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "max_words": 30,  # words kept by pre_caption
     "max_tokens": 25,  # tokenizer length incl. [CLS]
     "crop_scale": [0.2, 1.0],  # RandomResizedCrop scale
+    "randaug": True,  # RandomAugment(2, 7) after the crop and flip (official)
     "warm_up": True,  # ramp alpha over epoch 0 (always on in the official pre-training)
     # first N steps: ITC alone on in-batch negatives, no queue (ITM, MLM logged without gradient).
     # 0 (official) when starting from DeiT/BERT weights; a model trained from scratch needs it.
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     config, device = utils.setup_run(args, DEFAULTS)
     utils.check_itm_batch(config["batch_size"], "batch_size")
     tokenizer = TextTokenizer(args.text_encoder)
-    transform = build_transform("pretrain", config["image_res"], crop_scale=tuple(config["crop_scale"]))
+    transform = build_transform("pretrain", config["image_res"], crop_scale=tuple(config["crop_scale"]),
+                                randaug=config["randaug"])
     dataset = PretrainDataset(config["train_file"], transform, config["max_words"], config["image_root"])
     logger.info("%d image-text items from %d file(s)", len(dataset), len(config["train_file"]))
     model = build_model(config, tokenizer, args.text_encoder)
