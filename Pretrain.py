@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "crop_scale": [0.2, 1.0],  # RandomResizedCrop scale
     "randaug": True,  # RandomAugment(2, 7) after the crop and flip (official)
     "warm_up": True,  # ramp alpha over epoch 0 (always on in the official pre-training)
-    # first N steps: ITC alone on in-batch negatives, no queue (ITM, MLM logged without gradient).
+    # first N steps: ITC alone on in-batch negatives, no queue (ITM and MLM skipped: half-cost steps).
     # 0 (official) when starting from DeiT/BERT weights; a model trained from scratch needs it.
     "itc_warmup_steps": 0,
     "vit_init": "",  # DeiT-B/16 ImageNet checkpoint (.pth) for the ViT, '' for none

@@ -136,6 +136,20 @@ def test_itc_warmup_uses_the_batch_only_and_trains_itc_alone() -> None:
     assert model.itm_head.weight.grad is None and fusion.crossattention.self.key.weight.grad is None
 
 
+def test_fusion_on_gathered_image_keys_values_equals_fusion_on_gathered_image_tokens() -> None:
+    model = ALBEFPretrain(tiny_albef()).eval()
+    image, ids, mask = batch(3)
+    image_embeds = model.encode_image(image)[0]  # (3, S, D)
+    text_embeds = model.encode_text(ids, mask)[0]
+    pairs = torch.tensor([2, 0, 2])  # one image used twice, one not at all
+    kv = [(k.index_select(0, pairs), v.index_select(0, pairs)) for k, v in model.bert.image_keys_values(image_embeds)]
+    assert len(kv) == model.config.bert.num_hidden_layers - model.config.bert.fusion_layer
+    torch.testing.assert_close(model.bert.fuse(text_embeds, mask, None, image_kv=kv),
+                               model.bert.fuse(text_embeds, mask, image_embeds[pairs]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bert(ids, mask, image_kv=kv), model.bert(ids, mask, image_embeds[pairs]),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_released_pretrain_checkpoint_loads_strictly_at_full_size() -> None:
     rows = read_manifest("albef_base_pretrain_keys.txt")
     config = ALBEFConfig(bert=BertConfig.from_json(os.path.join(ROOT, "configs", "config_bert.json")))
