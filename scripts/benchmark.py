@@ -447,7 +447,7 @@ def bench_retrieval_eval_size(size: str, args: argparse.Namespace, device: torch
     warm = _first_images(feats, min(2, n_img), args.captions)
     retrieval_eval.benchmark_rerank(model, warm, k_test, args.rerank_batch)
     logger.info("retrieval_eval %s: %d images x %d captions, k_test %d", size, n_img, args.captions, k_test)
-    stats = retrieval_eval.benchmark_rerank(model, feats, k_test, args.rerank_batch)
+    stats = retrieval_eval.benchmark_rerank(model, feats, k_test, args.rerank_batch, repeats=args.eval_repeats)
     row: Row = {"size": size, "input": f"{model_config.image_res}px T{config['max_tokens']}", "images": n_img,
                 "texts": n_img * args.captions, "k_test": k_test, "rerank_batch": args.rerank_batch}
     row.update(stats)
@@ -562,6 +562,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="retrieval_eval, tiny: redraw weight matrices at this std (0: keep the init)")
     parser.add_argument("--eval-spread-full", type=float, default=0.0, help="the same for full")
     parser.add_argument("--rerank-batch", type=int, default=256, help="pairs per fusion batch of rerank_batched")
+    parser.add_argument("--eval-repeats", type=int, default=3,
+                        help="retrieval_eval: timed runs of each evaluator, alternating (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the official algorithm on the same model (the ratio)")

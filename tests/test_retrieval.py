@@ -137,8 +137,9 @@ def test_batched_rerank_equals_per_query(setup: tuple, score: str) -> None:
     for a, b in zip(fast, ref):
         assert torch.equal(a.indices, b.indices)
         assert torch.allclose(a.scores, b.scores, atol=1e-5)
-    stats = ev.benchmark_rerank(model, f, k_test=3, batch_size=5)
-    assert stats["identical_rankings"] and stats["pairs"] == 3 * (6 + 12)
+    stats = ev.benchmark_rerank(model, f, k_test=3, batch_size=5, repeats=3)
+    assert stats["identical_rankings"] and stats["pairs"] == 3 * (6 + 12) and stats["repeats"] == 3
+    assert stats["speedup"] == pytest.approx(stats["batched_pairs_per_s"] / stats["per_query_pairs_per_s"])
 
 
 def test_itc_only_ranking(setup: tuple) -> None:
