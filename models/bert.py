@@ -270,6 +270,11 @@ class BertModel(nn.Module):
         mask = extended_mask(attention_mask, hidden.dtype)
         return self.encoder(hidden, mask, 0, self.config.fusion_layer)
 
+    @property
+    def fusion_layers(self) -> nn.ModuleList:
+        """The layers from ``fusion_layer`` on: self-attention, cross-attention to the image, feed-forward."""
+        return self.encoder.layer[self.config.fusion_layer:]
+
     def image_keys_values(self, image_embeds: Tensor) -> ImageKV:
         """Cross-attention keys and values of every fusion layer for image tokens (B, S, W): [((B, S, H), ...)].
 
@@ -277,7 +282,7 @@ class BertModel(nn.Module):
         projecting the same image again for each text it is paired with (ITM negatives, MLM, reranking).
         """
         return [(layer.crossattention.self.key(image_embeds), layer.crossattention.self.value(image_embeds))
-                for layer in self.encoder.layer[self.config.fusion_layer:]]
+                for layer in self.fusion_layers]
 
     def fuse(
         self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor | None,

@@ -145,19 +145,9 @@ def itc_topk(query_feat: Tensor, key_feat: Tensor, k: int, rows: tuple[int, int]
     return torch.cat(sims), torch.cat(idx)
 
 
-def _fusion_layers(model: nn.Module) -> nn.ModuleList:
-    bert = model.bert
-    return bert.encoder.layer[bert.config.fusion_layer:]
-
-
-def image_keys_values(model: nn.Module, image_embeds: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Cross-attention keys and values of every fusion layer for images (n, S, D): [((n, S, H), (n, S, H))]."""
-    return model.bert.image_keys_values(image_embeds)
-
-
 def text_self_attention(model: nn.Module, text_embeds: Tensor, text_atts: Tensor, batch_size: int = 256) -> Tensor:
     """The first fusion layer's self-attention block on text states (N, T, H): it sees no image, so once a text."""
-    layer = _fusion_layers(model)[0]
+    layer = model.bert.fusion_layers[0]
     return torch.cat([layer.attention(text_embeds[a:a + batch_size],
                                       extended_mask(text_atts[a:a + batch_size], text_embeds.dtype))
                       for a in range(0, text_embeds.size(0), batch_size)])
@@ -176,13 +166,13 @@ def itm_logits_cached(model: nn.Module, text_states: Tensor, text_atts: Tensor,
     """``model.itm_logits(text_embeds, text_atts, image_embeds[image])`` -> (B, 2), the same math done once.
 
     ``text_states`` are :func:`text_self_attention` of the text states (per text, not per pair);
-    ``keys_values`` (from :func:`image_keys_values`) hold each image's cross-attention keys and values,
+    ``keys_values`` (from ``model.bert.image_keys_values``) hold each image's cross-attention keys and values,
     gathered per pair by ``image`` (B,) (into ``buffers`` (>= B, S, H) when given) instead of projecting
     the image tokens again for every pair; the last fusion layer runs for [CLS] alone (the only token the
     ITM head reads; its keys still see all).
     """
     mask = extended_mask(text_atts, text_states.dtype)
-    layers = _fusion_layers(model)
+    layers = model.bert.fusion_layers
     key_buf, value_buf = buffers if buffers is not None else (None, None)
     hidden = text_states
     for n, (layer, (keys, values)) in enumerate(zip(layers, keys_values)):
@@ -206,7 +196,7 @@ def _pairs_per_batch(model: nn.Module, image_embeds: Tensor, batch_size: int) ->
 def _images_per_group(model: nn.Module, image_embeds: Tensor) -> int:
     """Images whose keys and values of all fusion layers fit in :data:`KV_CACHE_BYTES`."""
     hidden = model.bert.config.hidden_size
-    per_image = 2 * len(_fusion_layers(model)) * image_embeds.size(1) * hidden * image_embeds.element_size()
+    per_image = 2 * len(model.bert.fusion_layers) * image_embeds.size(1) * hidden * image_embeds.element_size()
     return max(1, KV_CACHE_BYTES // per_image)
 
 
@@ -216,7 +206,7 @@ def _score_image_group(model: nn.Module, feats: RetrievalFeatures, text_states: 
     lengths = feats.text_atts.sum(dim=1)[txt]
     order = torch.argsort(lengths, stable=True)
     out = torch.empty(img.numel(), dtype=torch.float32, device=img.device)
-    keys_values = image_keys_values(model, feats.image_embeds[group])
+    keys_values = model.bert.image_keys_values(feats.image_embeds[group])
     table = keys_values[0][0]
     buffers = (table.new_empty((batch_size, *table.shape[1:])), table.new_empty((batch_size, *table.shape[1:])))
     for start in range(0, order.numel(), batch_size):

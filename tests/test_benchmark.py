@@ -47,7 +47,7 @@ def test_cached_itm_logits_equal_model_itm_logits(tiny: tuple) -> None:
         plain = model.itm_logits(f.text_embeds[text], f.text_atts[text], f.image_embeds[image])
         states = ev.text_self_attention(model, f.text_embeds, f.text_atts, batch_size=4)[text]
         cached = ev.itm_logits_cached(
-            model, states, f.text_atts[text], ev.image_keys_values(model, f.image_embeds), image
+            model, states, f.text_atts[text], model.bert.image_keys_values(f.image_embeds), image
         )
     assert torch.allclose(cached, plain, atol=1e-5)
 

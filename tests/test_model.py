@@ -111,7 +111,6 @@ def test_contrastive_targets_at_alpha_zero_are_the_diagonal() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-
 def test_itc_warmup_uses_the_batch_only_and_trains_itc_alone() -> None:
     model = ALBEFPretrain(tiny_albef(queue_size=6, momentum=0.0)).eval()  # eval: no dropout
     image, ids, mask = batch(3)
