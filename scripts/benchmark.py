@@ -228,6 +228,28 @@ def reference_step_fn(model: ALBEFPretrain, optimizer: torch.optim.Optimizer, in
     return step
 
 
+def image_encoder_floor_fn(model: ALBEFPretrain, inputs: Inputs) -> StepFn:
+    """The image-encoder work that both algorithms do alike: online ViT forward and backward (a fixed linear
+    read-out of every token stands in for the losses), momentum ViT forward. A step with the same math
+    cannot take less than this plus its text and fusion work; ``floor_s / ref_s`` bounds the ratio below."""
+    image = inputs[0]
+    vit = model.visual_encoder
+    read_out = torch.randn(vit.patch_embed.num_patches + 1, model.config.vision_width, device=image.device)
+
+    def step(timer: PhaseTimer) -> None:
+        timer.mark()
+        vit.zero_grad(set_to_none=True)
+        embeds = vit(image)  # (B, 1 + N, D)
+        with torch.no_grad():
+            model.visual_encoder_m(image)
+        timer.mark()
+        (embeds * read_out).sum().backward()
+        timer.mark()
+        timer.mark()  # no optimizer
+
+    return step
+
+
 def run_interleaved(fns: dict[str, StepFn], steps: int, warmup: int, device: torch.device) -> dict[str, Row]:
     """Warm up, then alternate the step functions step by step; per function the median phases and peak."""
     for _ in range(warmup):
@@ -287,13 +309,17 @@ def bench_pretrain_size(size: str, args: argparse.Namespace, device: torch.devic
         groups = param_groups_weight_decay(model, OPTIMIZER_CFG["weight_decay"])
         optimizers["reference"] = torch.optim.AdamW(groups, lr=OPTIMIZER_CFG["lr"], foreach=False, fused=False)
         fns["reference"] = reference_step_fn(model, optimizers["reference"], inputs, args.alpha)
+        fns["floor"] = image_encoder_floor_fn(model, inputs)
     logger.info("pretrain_step %s: batch %d, %s, %.1fM parameters", size, batch, device,
                 sum(p.numel() for p in model.parameters()) / 1e6)
     results = run_interleaved(fns, args.steps, args.warmup, device)
     states = {name: optimizer_state_mb(opt) for name, opt in optimizers.items()}
+    floor = results.pop("floor", None)
     for name, result in results.items():
         result["peak_mb"] = result["process_peak_mb"] - sum(v for k, v in states.items() if k != name)
     row = _step_row(size, batch, config, text_len, results)
+    if floor is not None:
+        row.update(vit_floor_s=floor["step_s"], floor_ratio=floor["step_s"] / row["ref_s"])
     row["precision"] = "ours bf16-autocast, ref fp32" if amp_dtype else "fp32"
     del model, fns, optimizers, results
     gc.collect()

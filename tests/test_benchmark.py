@@ -80,3 +80,16 @@ def test_retrieval_sections_rows(tmp_path) -> None:
     assert (step["size"], step["batch"], step["precision"]) == ("tiny", 4, "fp32")
     assert len(step["ours_steps_s"]) == 2 and step["ours_s"] > 0 and step["ours_peak_mb"] > 0
     assert min(step["ours_fwd_s"], step["ours_bwd_s"], step["ours_opt_s"]) > 0
+
+
+def test_pretrain_step_section_rows(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    argv = "--only pretrain_step --sizes tiny --batch-tiny 4 --queue 64 --steps 2 --warmup 1".split()
+    assert benchmark.main([*argv, "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]["pretrain_step"]
+    assert (row["size"], row["batch"], row["input"], row["precision"]) == ("tiny", 4, "32px T12 Q64", "fp32")
+    assert len(row["ours_steps_s"]) == len(row["ref_steps_s"]) == 2
+    assert row["ratio"] == pytest.approx(row["ours_s"] / row["ref_s"])
+    # the shared image-encoder work is a small part of a tiny step (its cost is the 30,522-word vocabulary)
+    assert 0 < row["vit_floor_s"] < row["ours_s"]
+    assert row["floor_ratio"] == pytest.approx(row["vit_floor_s"] / row["ref_s"])
