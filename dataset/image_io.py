@@ -82,11 +82,14 @@ def _exif_transpose(img: Image.Image, path: str) -> Image.Image:
         return img
 
 
-def load_image(path: str) -> Image.Image:
+def load_image(path: str, min_side: int | None = None) -> Image.Image:
     """Read an image file as an 8-bit RGB PIL image.
 
     Args:
         path: file path.
+        min_side: when given, a JPEG may be decoded at a reduced scale (1/2, 1/4 or 1/8, Pillow's ``draft``)
+            as long as both sides stay at least ``min_side`` pixels: several times faster for photos much
+            larger than needed. Other formats are decoded whole.
 
     Returns:
         A fully decoded RGB image, EXIF orientation applied.
@@ -102,6 +105,8 @@ def load_image(path: str) -> Image.Image:
         if os.path.getsize(path) == 0:
             raise ImageLoadError(path, "empty file (0 bytes)")
         with Image.open(path) as img:
+            if min_side is not None:
+                img.draft(None, (min_side, min_side))  # no-op for formats other than JPEG
             img.load()  # force the full decode so truncation is caught here
             if img.width == 0 or img.height == 0:
                 raise ImageLoadError(path, f"zero-size image {img.width}x{img.height}")

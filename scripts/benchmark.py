@@ -59,6 +59,7 @@ from models.bert import BertConfig  # noqa: E402
 from models.model_pretrain import ALBEFPretrain  # noqa: E402
 from models.model_retrieval import ALBEFRetrieval  # noqa: E402
 from optim import create_optimizer, param_groups_weight_decay  # noqa: E402
+from scripts import resize_images  # noqa: E402
 from scripts.reference_step import reference_forward  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -366,35 +367,52 @@ def make_jpeg(path: str, width: int = 640, height: int = 480, seed: int = 0) -> 
     Image.fromarray(noisy).save(path, quality=90)
 
 
+def _time_pipeline(path: str, transform: Callable, images: int) -> Row:
+    """Decode (``load_image``) + ``transform`` of one file ``images`` times: images/s and median phases."""
+    for _ in range(3):
+        transform(load_image(path))
+    decode, augment = [], []
+    for _ in range(images):
+        t0 = time.perf_counter()
+        img = load_image(path)
+        t1 = time.perf_counter()
+        transform(img)
+        decode.append(t1 - t0)
+        augment.append(time.perf_counter() - t1)
+    return {"images_per_s": images / (sum(decode) + sum(augment)),
+            "decode_ms": 1000 * statistics.median(decode), "augment_ms": 1000 * statistics.median(augment)}
+
+
 def bench_data_pipeline(args: argparse.Namespace) -> list[Row]:
     """Images/s of decode (``load_image``) + pre-training augmentation in one process, 1 torch thread.
 
-    One thread, as in a DataLoader worker; multiply by the workers per GPU for a loader's rate.
+    One thread, as in a DataLoader worker; multiply by the workers per GPU for a loader's rate. One row per
+    ``--source-sizes`` JPEG and, for those whose shorter side exceeds ``--short-side``, one for the copy
+    that ``scripts/resize_images.py`` makes of it.
     """
     seed_everything(args.seed)
     transform = build_transform("pretrain", args.data_res)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "image.jpg")
-            make_jpeg(path, seed=args.seed)
-            for _ in range(3):
-                transform(load_image(path))
-            decode, augment = [], []
-            for _ in range(args.images):
-                t0 = time.perf_counter()
-                img = load_image(path)
-                t1 = time.perf_counter()
-                transform(img)
-                decode.append(t1 - t0)
-                augment.append(time.perf_counter() - t1)
+            for width, height in args.source_sizes:
+                path = os.path.join(tmp, f"{width}x{height}.jpg")
+                make_jpeg(path, width, height, seed=args.seed)
+                sources = [(f"{width}x{height} JPEG", path)]
+                if min(width, height) > args.short_side:
+                    shrunk = os.path.join(tmp, f"{width}x{height}_shrunk.jpg")
+                    resize_images.process(resize_images.Job(path, shrunk), args.short_side, quality=95)
+                    w, h = resize_images.shrunk_size(width, height, args.short_side)
+                    sources.append((f"{width}x{height} JPEG shrunk to {w}x{h}", shrunk))
+                for name, source in sources:
+                    row: Row = {"source": name, "transform": f"pretrain {args.data_res}px", "images": args.images,
+                                "torch_threads": 1}
+                    rows.append({**row, **_time_pipeline(source, transform, args.images)})
     finally:
         torch.set_num_threads(threads)
-    total = sum(decode) + sum(augment)
-    return [{"source": "640x480 JPEG", "transform": f"pretrain {args.data_res}px", "images": args.images,
-             "torch_threads": 1, "images_per_s": args.images / total,
-             "decode_ms": 1000 * statistics.median(decode), "augment_ms": 1000 * statistics.median(augment)}]
+    return rows
 
 
 # ---------------------------------------------------------------- retrieval
@@ -579,6 +597,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--images", type=int, default=50, help="images timed by data_pipeline")
     parser.add_argument("--data-res", type=int, default=256, help="output size of the data_pipeline transform")
+    parser.add_argument("--source-sizes", default="640x480,1600x1200",
+                        help="data_pipeline: comma-separated WxH of the source JPEGs")
+    parser.add_argument("--short-side", type=int, default=576,
+                        help="data_pipeline: also time copies shrunk to this shorter side (scripts/resize_images.py)")
     parser.add_argument("--eval-images-tiny", type=int, default=300, help="images of retrieval_eval, tiny")
     parser.add_argument("--eval-images-full", type=int, default=8, help="images of retrieval_eval, full")
     parser.add_argument("--captions", type=int, default=5, help="captions per image in retrieval_eval")
@@ -597,6 +619,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
     args.sizes = [n.strip() for n in args.sizes.split(",") if n.strip()]
+    try:
+        args.source_sizes = [tuple(int(v) for v in n.lower().split("x")) for n in args.source_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--source-sizes: expected WxH[,WxH...], got {args.source_sizes!r}")
+    if any(len(wh) != 2 or min(wh) < 16 for wh in args.source_sizes):
+        parser.error(f"--source-sizes: each size is WxH with both at least 16, got {args.source_sizes}")
     for value, known, flag in ((args.only, BENCHMARKS, "--only"), (args.sizes, SIZES, "--sizes")):
         unknown = [v for v in value if v not in known]
         if unknown:

@@ -93,3 +93,17 @@ def test_pretrain_step_section_rows(tmp_path) -> None:
     # the shared image-encoder work is a small part of a tiny step (its cost is the 30,522-word vocabulary)
     assert 0 < row["vit_floor_s"] < row["ours_s"]
     assert row["floor_ratio"] == pytest.approx(row["vit_floor_s"] / row["ref_s"])
+
+
+def test_data_pipeline_rows_per_source_and_shrunk_copy(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    argv = "--only data_pipeline --images 2 --source-sizes 64x48,200x160 --short-side 100 --data-res 32".split()
+    assert benchmark.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]["data_pipeline"]
+    assert [r["source"] for r in rows] == ["64x48 JPEG", "200x160 JPEG", "200x160 JPEG shrunk to 125x100"]
+    assert all(r["images_per_s"] > 0 and r["decode_ms"] > 0 and r["images"] == 2 for r in rows)
+
+
+def test_source_sizes_are_checked() -> None:
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--source-sizes", "640by480"])
