@@ -593,7 +593,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
     num_steps = start_step + len(loader)  # a resumed loader yields only the remaining batches
     metrics = MetricAccumulator()
     model.train()
-    with tqdm(total=num_steps, initial=start_step, desc=f"epoch {epoch}", dynamic_ncols=True,
+    # to a terminal: live; to a file (nohup, a cluster job's log): one line a minute, not ten a second
+    interval = 0.1 if sys.stderr.isatty() else 60.0
+    with tqdm(total=num_steps, initial=start_step, desc=f"epoch {epoch}", dynamic_ncols=True, mininterval=interval,
               disable=not is_main_process()) as bar:
         for i, batch in enumerate(loader, start=start_step):
             batch = _unpack_batch(batch, counter, max_skipped, epoch, i)
