@@ -49,6 +49,7 @@ from dataset.validate import DataError, read_json  # noqa: E402
 
 logger = logging.getLogger("resize_images")
 
+
 @dataclass(frozen=True)
 class Job:
     """One image: where it is read and where its copy goes."""
@@ -99,6 +100,8 @@ def plan(annotations: dict[str, list[dict]], image_root: str, out_root: str) -> 
     jobs, seen = [], {}
     for name in names:
         src, dst = os.path.normpath(os.path.join(image_root, name)), os.path.normpath(destination(name, out_root, base))
+        if os.path.relpath(dst, out_root).startswith(os.pardir):
+            raise DataError(f"image {name!r} would be written outside --out-root ({dst})")
         if dst in seen:
             if seen[dst] != src:
                 raise DataError(f"images {seen[dst]!r} and {src!r} would both be written to {dst}")

@@ -100,3 +100,11 @@ def test_load_image_min_side_decodes_jpegs_at_a_reduced_scale(tmp_path) -> None:
     assert load_image(str(tmp_path / "a.jpg"), min_side=160).size == (400, 300)
     assert load_image(str(tmp_path / "a.jpg"), min_side=30).size == (50, 38)  # 1/8, rounded up
     assert load_image(str(tmp_path / "a.png"), min_side=30).size == (400, 300)
+
+
+def test_a_path_leaving_the_output_root_is_refused(world, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path, root, anns = world
+    (anns / "retrieval.json").write_text(json.dumps([{"image": "../outside.jpg", "caption": "a"}]))
+    with caplog.at_level(logging.ERROR, logger="resize_images"):
+        assert run(tmp_path, root, anns) == 2
+    assert "'../outside.jpg' would be written outside --out-root" in caplog.text
