@@ -109,16 +109,25 @@ class ALBEFBase(nn.Module):
         embeds = vit(image)
         return embeds, F.normalize(proj(embeds[:, 0]), dim=-1)
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, momentum: bool = False) -> tuple[Tensor, Tensor]:
-        """(B, T) ids -> text-layer states (B, T, H) and the normalised [CLS] feature (B, E)."""
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, momentum: bool = False,
+                    cls_only: bool = False) -> tuple[Tensor, Tensor]:
+        """(B, T) ids -> text-layer states (B, T, H) and the normalised [CLS] feature (B, E).
+
+        ``cls_only``: the states are (B, 1, H), [CLS] alone (the last text layer computes only that row).
+        """
         bert, proj = (self.bert_m, self.text_proj_m) if momentum else (self.bert, self.text_proj)
-        embeds = bert.encode_text(input_ids, attention_mask)
+        embeds = bert.encode_text(input_ids, attention_mask, cls_only=cls_only)
         return embeds, F.normalize(proj(embeds[:, 0]), dim=-1)
 
     def itm_logits(self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor | None,
-                   image_kv: ImageKV | None = None) -> Tensor:
-        """Fusion of (B, T, H) text states with (B, S, D) image tokens (or their ``image_kv``) -> ITM logits (B, 2)."""
-        return self.itm_head(self.bert.fuse(text_embeds, attention_mask, image_embeds, image_kv=image_kv)[:, 0])
+                   image_kv: ImageKV | None = None, cls_only: bool = True) -> Tensor:
+        """Fusion of (B, T, H) text states with (B, S, D) image tokens (or their ``image_kv``) -> ITM logits (B, 2).
+
+        The head reads [CLS] only, so the last fusion layer computes that row alone; ``cls_only=False`` runs
+        it on every token (the official code's work, for reference timings), with the same result.
+        """
+        fused = self.bert.fuse(text_embeds, attention_mask, image_embeds, image_kv=image_kv, cls_only=cls_only)
+        return self.itm_head(fused[:, 0])
 
     # ------------------------------------------------------------- momentum
     @torch.no_grad()
@@ -137,7 +146,7 @@ class ALBEFBase(nn.Module):
         """EMA step, then the momentum image tokens (B, 1+N, D) and image, text features (B, E), (B, E)."""
         self.momentum_update()
         image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
-        _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
+        _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True, cls_only=True)
         return image_embeds_m, image_feat_m, text_feat_m
 
     @torch.no_grad()

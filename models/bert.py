@@ -30,6 +30,7 @@ _HF_METADATA_KEYS = {
 # Additive mask value for padded text keys, as in the official implementation.
 MASK_VALUE = -10000.0
 ImageKV = list[tuple[Tensor, Tensor]]  # per fusion layer: cross-attention keys, values (B, S, H)
+CLS = slice(0, 1)  # the [CLS] row, the only one that features and the ITM head read
 
 
 @dataclass
@@ -212,10 +213,19 @@ class BertLayer(nn.Module):
     def forward(
         self, hidden: Tensor, mask: Tensor | None, image: Tensor | None = None,
         image_mask: Tensor | None = None, is_causal: bool = False,
-        image_kv: tuple[Tensor, Tensor] | None = None,
+        image_kv: tuple[Tensor, Tensor] | None = None, rows: slice | None = None,
     ) -> Tensor:
-        """``image_kv``: this layer's cross-attention keys and values of ``image``, when already computed."""
-        hidden = self.attention(hidden, mask, is_causal=is_causal)
+        """``image_kv``: this layer's cross-attention keys and values of ``image``, when already computed.
+
+        ``rows``: compute the output (B, T', H) of these text positions only; their self-attention keys
+        and values still come from every position, so each row equals the full layer's.
+        """
+        if rows is None:
+            hidden = self.attention(hidden, mask, is_causal=is_causal)
+        elif is_causal:
+            raise ValueError("rows cannot be combined with causal self-attention")
+        else:
+            hidden = self.attention(hidden[:, rows], mask, hidden)  # queries `rows`, keys every token
         if self.has_cross_attention:
             if image is None and image_kv is None:
                 raise ValueError("a fusion layer needs the image (encoder) hidden states")
@@ -232,16 +242,20 @@ class BertEncoder(nn.Module):
     def forward(
         self, hidden: Tensor, mask: Tensor | None, start: int, end: int, image: Tensor | None = None,
         image_mask: Tensor | None = None, is_causal: bool = False, image_kv: ImageKV | None = None,
+        last_rows: slice | None = None,
     ) -> Tensor:
         """Run layers [start, end) on hidden (B, T, H); image (B, S, W) for fusion layers, or ``image_kv``:
-        their cross-attention keys and values, one (B, S, H) pair per fusion layer run, in order."""
+        their cross-attention keys and values, one (B, S, H) pair per fusion layer run, in order.
+        ``last_rows``: the positions the caller reads; the last layer computes only those (B, T', H)."""
         kvs = iter(image_kv or ())
-        for layer in self.layer[start:end]:
+        for n in range(start, end):
+            layer = self.layer[n]
             kv = next(kvs) if image_kv is not None and layer.has_cross_attention else None
+            rows = last_rows if n == end - 1 else None
             if self.grad_ckpt and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, mask, image, image_mask, is_causal, kv, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, mask, image, image_mask, is_causal, kv, rows, use_reentrant=False)
             else:
-                hidden = layer(hidden, mask, image, image_mask, is_causal, kv)
+                hidden = layer(hidden, mask, image, image_mask, is_causal, kv, rows)
         return hidden
 
 
@@ -264,11 +278,12 @@ class BertModel(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Text-only layers: (B, T) ids -> (B, T, H) (official ``mode='text'``)."""
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor, cls_only: bool = False) -> Tensor:
+        """Text-only layers: (B, T) ids -> (B, T, H) (official ``mode='text'``); (B, 1, H) with ``cls_only``:
+        the last layer then computes the [CLS] row alone, the same values."""
         hidden = self.embeddings(input_ids)
         mask = extended_mask(attention_mask, hidden.dtype)
-        return self.encoder(hidden, mask, 0, self.config.fusion_layer)
+        return self.encoder(hidden, mask, 0, self.config.fusion_layer, last_rows=CLS if cls_only else None)
 
     @property
     def fusion_layers(self) -> nn.ModuleList:
@@ -286,14 +301,15 @@ class BertModel(nn.Module):
 
     def fuse(
         self, text_embeds: Tensor, attention_mask: Tensor, image_embeds: Tensor | None,
-        image_atts: Tensor | None = None, image_kv: ImageKV | None = None,
+        image_atts: Tensor | None = None, image_kv: ImageKV | None = None, cls_only: bool = False,
     ) -> Tensor:
-        """Fusion layers on text states (B, T, H) and image tokens (B, S, W) -> (B, T, H) (``mode='fusion'``)."""
+        """Fusion layers on text states (B, T, H) and image tokens (B, S, W) -> (B, T, H) (``mode='fusion'``);
+        (B, 1, H) with ``cls_only``: the last layer computes the [CLS] row alone, the same values."""
         mask = extended_mask(attention_mask, text_embeds.dtype)
         image_mask = None if image_atts is None else extended_mask(image_atts, text_embeds.dtype)
         cfg = self.config
         return self.encoder(text_embeds, mask, cfg.fusion_layer, cfg.num_hidden_layers, image_embeds, image_mask,
-                            image_kv=image_kv)
+                            image_kv=image_kv, last_rows=CLS if cls_only else None)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, image_embeds: Tensor | None = None,

@@ -305,7 +305,8 @@ def rerank_per_query(model: nn.Module, feats: RetrievalFeatures, k_test: int, sc
             img = torch.full_like(cand, q) if image_side else cand
             txt = cand if image_side else torch.full_like(cand, q)
             with _autocast(device, amp):
-                logits = model.itm_logits(feats.text_embeds[txt], feats.text_atts[txt], feats.image_embeds[img])
+                logits = model.itm_logits(feats.text_embeds[txt], feats.text_atts[txt], feats.image_embeds[img],
+                                          cls_only=False)  # the official work: every token, last layer too
             s = logits[:, 1].float()
             scores.append(s + sims if score == "itm+itc" else s)
             cands.append(cand)

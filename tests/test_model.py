@@ -172,3 +172,41 @@ def test_loader_initialises_missing_momentum_and_interpolates_pos_embed() -> Non
     assert torch.equal(target.visual_encoder.pos_embed[:, 0], source.visual_encoder.pos_embed[:, 0])
     assert torch.equal(target.visual_encoder_m.pos_embed, target.visual_encoder.pos_embed)
     assert torch.equal(target.text_proj_m.weight, source.text_proj.weight)
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_cls_only_last_layer_gives_the_cls_row_and_its_gradients(grad_ckpt: bool) -> None:
+    model = ALBEFPretrain(tiny_albef(grad_ckpt=grad_ckpt))
+    model.eval()  # no dropout, so both paths see the same function
+    model.bert.encoder.training = True  # ...but the checkpointed branch of the encoder runs when asked
+    image, ids, mask = batch(3)
+    image_embeds = model.encode_image(image)[0].detach()
+    weights = torch.randn(2, 3, 1, model.config.bert.hidden_size)
+
+    def grads(cls_only: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        text = model.bert.encode_text(ids, mask, cls_only=cls_only)
+        fused = model.bert.fuse(model.bert.encode_text(ids, mask), mask, image_embeds, cls_only=cls_only)
+        text, fused = text[:, :1], fused[:, :1]  # (3, 1, H): all that a cls_only caller reads
+        ((text * weights[0]).sum() + (fused * weights[1]).sum()).backward()  # a generic linear read-out
+        return text.detach(), fused.detach(), [p.grad.clone() for p in model.bert.parameters() if p.grad is not None]
+
+    text_full, fused_full, grads_full = grads(False)
+    text_cls, fused_cls, grads_cls = grads(True)
+    assert model.bert.encode_text(ids, mask, cls_only=True).shape == (3, 1, model.config.bert.hidden_size)
+    torch.testing.assert_close(text_cls, text_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_cls, fused_full, rtol=1e-5, atol=1e-6)
+    assert len(grads_cls) == len(grads_full)
+    scale = max(g.abs().max().item() for g in grads_full)
+    assert scale > 1e-3
+    for got, want in zip(grads_cls, grads_full):  # key biases have gradient 0 + rounding: absolute tolerance
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+    logits = model.itm_logits(model.bert.encode_text(ids, mask), mask, image_embeds)
+    torch.testing.assert_close(logits, model.itm_logits(model.bert.encode_text(ids, mask), mask, image_embeds,
+                                                        cls_only=False), rtol=1e-5, atol=1e-6)
+
+
+def test_rows_of_a_causal_layer_are_rejected() -> None:
+    layer = ALBEFPretrain(tiny_albef()).bert.encoder.layer[0]
+    with pytest.raises(ValueError, match="causal"):
+        layer(torch.randn(2, 5, 32), None, is_causal=True, rows=slice(0, 1))
