@@ -232,7 +232,8 @@ def reference_step_fn(model: ALBEFPretrain, optimizer: torch.optim.Optimizer, in
 def image_encoder_floor_fn(model: ALBEFPretrain, inputs: Inputs) -> StepFn:
     """The image-encoder work that both algorithms do alike: online ViT forward and backward (a fixed linear
     read-out of every token stands in for the losses), momentum ViT forward. A step with the same math
-    cannot take less than this plus its text and fusion work; ``floor_s / ref_s`` bounds the ratio below."""
+    cannot take less than this plus its text and fusion work, so ``vit_floor_s / ref_s`` (``floor_ratio``) bounds
+    the ratio from below."""
     image = inputs[0]
     vit = model.visual_encoder
     read_out = torch.randn(vit.patch_embed.num_patches + 1, model.config.vision_width, device=image.device)
