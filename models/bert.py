@@ -226,6 +226,13 @@ class BertLayer(nn.Module):
             raise ValueError("rows cannot be combined with causal self-attention")
         else:
             hidden = self.attention(hidden[:, rows], mask, hidden)  # queries `rows`, keys every token
+        return self.after_self_attention(hidden, image, image_mask, image_kv)
+
+    def after_self_attention(
+        self, hidden: Tensor, image: Tensor | None = None, image_mask: Tensor | None = None,
+        image_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """The rest of the layer on self-attended states (B, T, H): cross-attention (fusion layers), feed-forward."""
         if self.has_cross_attention:
             if image is None and image_kv is None:
                 raise ValueError("a fusion layer needs the image (encoder) hidden states")

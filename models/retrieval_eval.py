@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 import utils
 from dataset import RetrievalEvalDataset, create_loader
-from models.bert import extended_mask
+from models.bert import CLS, extended_mask
 from models.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -176,12 +176,12 @@ def itm_logits_cached(model: nn.Module, text_states: Tensor, text_atts: Tensor,
     key_buf, value_buf = buffers if buffers is not None else (None, None)
     hidden = text_states
     for n, (layer, (keys, values)) in enumerate(zip(layers, keys_values)):
-        rows = hidden[:, :1] if n == len(layers) - 1 else hidden
-        if n > 0:
-            rows = layer.attention(rows, mask, hidden)  # queries `rows`, keys every token of `hidden`
-        rows = layer.crossattention(rows, None, keys_values=(_gather(keys, image, key_buf),
-                                                             _gather(values, image, value_buf)))
-        hidden = layer.output(layer.intermediate(rows), rows)
+        kv = (_gather(keys, image, key_buf), _gather(values, image, value_buf))
+        rows = CLS if n == len(layers) - 1 else None
+        if n == 0:  # its self-attention ran once per text (text_self_attention)
+            hidden = layer.after_self_attention(hidden if rows is None else hidden[:, rows], image_kv=kv)
+        else:
+            hidden = layer(hidden, mask, image_kv=kv, rows=rows)
     return model.itm_head(hidden[:, 0])
 
 
