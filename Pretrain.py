@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-import utils
 from dataset import PretrainDataset, build_transform, create_loader
+from engine import distributed, trainer
+from engine.config import COMMON_DEFAULTS, get_parser
 from models.albef import ALBEFConfig
 from models.checkpoint import init_from_pretrained
 from models.model_pretrain import ALBEFPretrain
@@ -23,7 +24,7 @@ logger = logging.getLogger("albef.pretrain")
 
 # Every accepted key with its default; this dict is the schema (unknown keys are rejected).
 DEFAULTS: dict[str, Any] = {
-    **utils.COMMON_DEFAULTS,
+    **COMMON_DEFAULTS,
     "train_file": [],  # JSON files of {image: path, caption: str | [str]}
     "image_root": "",  # joined with relative image paths (official files hold absolute ones)
     "image_res": 256,
@@ -73,9 +74,9 @@ def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device):
 
 def main(argv: list[str] | None = None) -> dict:
     """Run pre-training; returns the last epoch's averaged stats."""
-    args = utils.get_parser(__doc__).parse_args(argv)
-    config, device = utils.setup_run(args, DEFAULTS)
-    utils.check_itm_batch(config["batch_size"], "batch_size")
+    args = get_parser(__doc__).parse_args(argv)
+    config, device = trainer.setup_run(args, DEFAULTS)
+    trainer.check_itm_batch(config["batch_size"], "batch_size")
     tokenizer = TextTokenizer(args.text_encoder)
     transform = build_transform("pretrain", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                 randaug=config["randaug"])
@@ -83,9 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("%d image-text items from %d file(s)", len(dataset), len(config["train_file"]))
     model = build_model(config, tokenizer, args.text_encoder)
     loader = create_loader(dataset, config["batch_size"], config["num_workers"], shuffle=True, seed=args.seed,
-                           drop_last=True, rank=utils.get_rank(), world_size=utils.get_world_size())
-    return utils.fit(model, loader, make_step_fn(tokenizer, config, device), config, args, device)
+                           drop_last=True, rank=distributed.get_rank(), world_size=distributed.get_world_size())
+    return trainer.fit(model, loader, make_step_fn(tokenizer, config, device), config, args, device)
 
 
 if __name__ == "__main__":
-    sys.exit(utils.run_main(main))
+    sys.exit(trainer.run_main(main))

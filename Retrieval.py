@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-import utils
 from dataset import RetrievalEvalDataset, RetrievalTrainDataset, build_transform, create_loader
+from engine import checkpoint_io, distributed, logs, trainer
+from engine.config import COMMON_DEFAULTS, ConfigError, get_parser
 from models.albef import ALBEFConfig
 from models.checkpoint import load_weights, read_state_dict
 from models.model_retrieval import ALBEFRetrieval
@@ -35,7 +36,7 @@ logger = logging.getLogger("albef.retrieval")
 
 # Every accepted key with its default; this dict is the schema (unknown keys are rejected).
 DEFAULTS: dict[str, Any] = {
-    **utils.COMMON_DEFAULTS,
+    **COMMON_DEFAULTS,
     "train_file": [],  # JSON files of {image, caption, image_id}, image relative to image_root
     "val_file": "",  # JSON of {image, caption: [str, ...]} ('' : no validation)
     "test_file": "",
@@ -68,11 +69,11 @@ DEFAULTS: dict[str, Any] = {
 def check_config(config: dict) -> None:
     """Reject values the schema's types cannot catch."""
     if config["score"] not in ("itm", "itm+itc"):
-        raise utils.ConfigError(f"score must be 'itm' or 'itm+itc', not {config['score']!r}")
+        raise ConfigError(f"score must be 'itm' or 'itm+itc', not {config['score']!r}")
     if config["eval_amp"] not in ("off", "bf16", "fp16"):
-        raise utils.ConfigError(f"eval_amp must be 'off', 'bf16' or 'fp16', not {config['eval_amp']!r}")
+        raise ConfigError(f"eval_amp must be 'off', 'bf16' or 'fp16', not {config['eval_amp']!r}")
     if config["k_test"] < 0:
-        raise utils.ConfigError(f"k_test must be >= 0 (0: ITC only), not {config['k_test']}")
+        raise ConfigError(f"k_test must be >= 0 (0: ITC only), not {config['k_test']}")
 
 
 def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device) -> Callable:
@@ -116,8 +117,8 @@ def write_results(output_dir: str, results: dict) -> None:
     line = {k: v for k, v in results.items() if not isinstance(v, dict)}
     for split in ("val", "test"):
         line.update(prefixed(split, results.get(split, {})))
-    utils.append_jsonl(os.path.join(output_dir, "log.txt"), line)
-    if utils.is_main_process():
+    logs.append_jsonl(os.path.join(output_dir, "log.txt"), line)
+    if distributed.is_main_process():
         os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
         with open(os.path.join(output_dir, "result", "retrieval_metrics.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
@@ -147,27 +148,29 @@ def run_evaluation(model: ALBEFRetrieval, args: Any, splits: dict, evaluate: Cal
 
 def run_training(model: ALBEFRetrieval, args: Any, config: dict, splits: dict, evaluate: Callable,
                  tokenizer: TextTokenizer, device: torch.device) -> dict:
-    """Fine-tune with ``utils.fit`` (val each epoch), then evaluate the best checkpoint on test."""
-    utils.check_itm_batch(config["batch_size_train"], "batch_size_train")
+    """Fine-tune with ``trainer.fit`` (val each epoch), then evaluate the best checkpoint on test."""
+    trainer.check_itm_batch(config["batch_size_train"], "batch_size_train")
     transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                 randaug=config["randaug"])
     dataset = RetrievalTrainDataset(config["train_file"], transform, config["image_root"], config["max_words"])
     logger.info("%d captions of %d images for training", len(dataset), len(dataset.img_ids))
     loader = create_loader(dataset, config["batch_size_train"], config["num_workers"], shuffle=True,
-                           seed=args.seed, drop_last=True, rank=utils.get_rank(), world_size=utils.get_world_size())
+                           seed=args.seed, drop_last=True, rank=distributed.get_rank(),
+                           world_size=distributed.get_world_size())
     history: dict[int, dict[str, float]] = {}
 
     def evaluate_val(m: torch.nn.Module, epoch: int) -> dict:
         if "val" not in splits:
             return {}
         history[epoch] = evaluate(m, splits["val"])
-        return {**prefixed("val", history[epoch]), "score": history[epoch]["r_mean"]}
+        return prefixed("val", history[epoch])
 
-    record = utils.fit(model, loader, make_step_fn(tokenizer, config, device), config, args, device, evaluate_val)
+    record = trainer.fit(model, loader, make_step_fn(tokenizer, config, device), config, args, device, evaluate_val,
+                         score="val_r_mean" if "val" in splits else None)
     results: dict = {"mode": "train", "checkpoint": args.checkpoint, "last_epoch": record.get("epoch")}
     best = os.path.join(args.output_dir, "checkpoint_best.pth")
     if os.path.isfile(best):
-        state = utils.load_checkpoint_file(best)
+        state = checkpoint_io.load_checkpoint_file(best)
         model.load_state_dict(state["model"])
         results.update(best_epoch=state["epoch"], evaluated="checkpoint_best.pth")
         val = history.get(state["epoch"])
@@ -179,8 +182,8 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, splits: dict, e
 
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate; returns the results written to ``retrieval_metrics.json``."""
-    args = utils.get_parser(__doc__).parse_args(argv)
-    config, device = utils.setup_run(args, DEFAULTS)
+    args = get_parser(__doc__).parse_args(argv)
+    config, device = trainer.setup_run(args, DEFAULTS)
     check_config(config)
     tokenizer = TextTokenizer(args.text_encoder)
     model = ALBEFRetrieval(ALBEFConfig.from_config(config))
@@ -191,9 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         results = run_training(model, args, config, splits, evaluate, tokenizer, device)
     write_results(args.output_dir, results)
-    utils.barrier()
+    distributed.barrier()
     return results
 
 
 if __name__ == "__main__":
-    sys.exit(utils.run_main(main))
+    sys.exit(trainer.run_main(main))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import utils
+from engine import distributed
 from models.bert import BertConfig, BertForMaskedLM, BertModel, ImageKV
 from models.losses import itm_loss, sample_negatives
 from models.vit import build_vit
@@ -164,10 +164,10 @@ class ALBEFBase(nn.Module):
         image_feat, text_feat: (B, E) momentum features of this rank; gathered over ranks first so
         every rank holds the same queue. The oldest entries are overwritten; no host sync.
         """
-        image_feat, text_feat = utils.all_gather_cat(image_feat), utils.all_gather_cat(text_feat)
+        image_feat, text_feat = distributed.all_gather_cat(image_feat), distributed.all_gather_cat(text_feat)
         columns = [(self.image_queue, image_feat), (self.text_queue, text_feat)]
         if idx is not None:
-            columns.append((self.idx_queue, utils.all_gather_cat(idx)[:, None]))
+            columns.append((self.idx_queue, distributed.all_gather_cat(idx)[:, None]))
         size = self.image_queue.size(1)
         n = min(image_feat.size(0), size)
         positions = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % size  # (n,)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import utils
+from engine import distributed
 from models.albef import ALBEFBase, ALBEFConfig
 from models.bert import BertForMaskedLM, ImageKV
 from models.losses import itc_loss, mask_tokens, mlm_loss, soft_targets
@@ -63,7 +63,7 @@ class ALBEFPretrain(ALBEFBase):
         DistributedDataParallel expects a gradient for every parameter in every step; the fusion layers and
         heads that an ITC-only step leaves out get an exact zero through this term.
         """
-        if not utils.is_dist_initialized():
+        if not distributed.is_dist_initialized():
             return 0.0
         return 0.0 * sum(p.reshape(-1)[:1].sum() for p in self.parameters() if p.requires_grad)
 

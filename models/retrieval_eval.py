@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-import utils
 from dataset import RetrievalEvalDataset, create_loader
+from engine import distributed
 from models.bert import CLS, extended_mask
 from models.tokenizer import TextTokenizer
 
@@ -315,24 +315,9 @@ def rerank_per_query(model: nn.Module, feats: RetrievalFeatures, k_test: int, sc
 
 
 # ------------------------------------------------------------------ distributed
-def query_share(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous rows [a, b) of ``n`` queries handled by ``rank`` (shares differ by at most one)."""
-    return n * rank // world_size, n * (rank + 1) // world_size
-
-
 def gather_ranking(local: Ranking, n: int) -> Ranking:
-    """Concatenate every rank's :func:`query_share` rows: fixed-size all-gathers of (rows, k) tensors."""
-    world = utils.get_world_size()
-    if world == 1:
-        return local
-    rows = -(-n // world)
-    pad = rows - local.indices.size(0)
-    indices = torch.cat([local.indices, local.indices.new_full((pad, local.indices.size(1)), -1)])
-    scores = torch.cat([local.scores, local.scores.new_full((pad, local.scores.size(1)), float("-inf"))])
-    all_idx, all_scores = utils.all_gather_cat(indices), utils.all_gather_cat(scores)
-    keep = torch.cat([torch.arange(r * rows, r * rows + b - a) for r, (a, b) in
-                      ((r, query_share(n, r, world)) for r in range(world))]).to(all_idx.device)
-    return Ranking(all_idx[keep], all_scores[keep])
+    """Concatenate every rank's ``distributed.shard_range`` rows of the ``n`` queries, each once, in order."""
+    return Ranking(distributed.gather_rows(local.indices, n), distributed.gather_rows(local.scores, n))
 
 
 # ------------------------------------------------------------------ metrics
@@ -376,9 +361,9 @@ def rank_all(model: nn.Module, feats: RetrievalFeatures, k_test: int, score: str
              batch_size: int = 256, amp: str = "bf16") -> tuple[Ranking, Ranking]:
     """Both directions over all queries, this rank reranking its share; identical result on every rank."""
     n_img, n_txt = feats.image_feat.size(0), feats.text_feat.size(0)
-    rank, world = utils.get_rank(), utils.get_world_size()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     i2t, t2i = rerank_batched(model, feats, k_test, score, batch_size, amp,
-                              query_share(n_img, rank, world), query_share(n_txt, rank, world))
+                              distributed.shard_range(n_img, rank, world), distributed.shard_range(n_txt, rank, world))
     return gather_ranking(i2t, n_img), gather_ranking(t2i, n_txt)
 
 

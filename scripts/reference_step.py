@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import utils  # noqa: E402
+from engine import distributed  # noqa: E402
 from models.bert import BertAttention, BertForMaskedLM, BertLayer, BertModel  # noqa: E402
 from models.model_pretrain import ALBEFPretrain  # noqa: E402
 
@@ -158,7 +158,7 @@ def dequeue_and_enqueue(model: ALBEFPretrain, image_feat: Tensor, text_feat: Ten
     The official code asserts ``queue_size % batch_size == 0``; other sizes fall back to the
     ring buffer of :meth:`ALBEFBase.enqueue`, whose semantics are the same in the divisible case.
     """
-    image_feats, text_feats = utils.all_gather_cat(image_feat), utils.all_gather_cat(text_feat)
+    image_feats, text_feats = distributed.all_gather_cat(image_feat), distributed.all_gather_cat(text_feat)
     batch_size, queue_size = image_feats.size(0), model.image_queue.size(1)
     if queue_size % batch_size:
         model.enqueue(image_feat, text_feat)

@@ -20,8 +20,8 @@ from torch import Tensor
 
 import models.albef
 import models.model_pretrain
-import utils
 from conftest import tiny_albef, tiny_bert
+from engine import trainer
 from models.model_pretrain import ALBEFPretrain
 from optim import create_optimizer
 from scripts.reference_step import _draw_negatives, bert_forward, reference_forward, reference_train_step, vit_forward
@@ -230,7 +230,7 @@ def test_fast_train_step_needs_no_torch_compile(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_compiled_step_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``compile: true`` (``utils.wrap_model`` -> ``torch.compile``): the reference's losses, gradients and state.
+    """``compile: true`` (``trainer.wrap_model`` -> ``torch.compile``): the reference's losses, gradients and state.
 
     Inductor generates C++ for the CPU (about 2.5 min here); without a C++ compiler on the PATH the graphs are
     still captured and differentiated by TorchDynamo and AOTAutograd (backend ``aot_eager``), uncompiled.
@@ -240,8 +240,8 @@ def test_compiled_step_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None
     recorder = DrawRecorder(monkeypatch)
     backend = "inductor" if shutil.which("g++") or shutil.which("c++") else "aot_eager"
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
-    compiled = utils.wrap_model(fast, {"compile": True}, torch.device("cpu"))
-    assert compiled is not fast and utils._unwrap(compiled) is fast
+    compiled = trainer.wrap_model(fast, {"compile": True}, torch.device("cpu"))
+    assert compiled is not fast and trainer._unwrap(compiled) is fast
     try:
         batch = make_batch()
         out = fast_step(compiled, batch)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import Pretrain
-import utils
 from conftest import ROOT
 from dataset.toy_world import ensure_toy_world
+from engine import checkpoint_io, trainer
 
 TINY = ["bert_config=configs/toy/config_bert.json", "image_res=32", "vision_width=128",
         "vit={patch_size: 8, depth: 2, heads: 4}", "embed_dim=32", "batch_size=8", "queue_size=40",
@@ -106,7 +106,7 @@ def test_too_many_skipped_images_stop_with_a_summary(world: str, tmp_path) -> No
     items = [{"image": str(tmp_path / f"missing{i}.png"), "caption": "a red circle"} for i in range(16)]
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(items))
-    code = utils.run_main(lambda: Pretrain.main(argv(world, str(tmp_path / "o"), f"train_file=[{ann}]",
+    code = trainer.run_main(lambda: Pretrain.main(argv(world, str(tmp_path / "o"), f"train_file=[{ann}]",
                                                      "max_skipped_images=3", epochs=1)))
     assert code == 2
 
@@ -145,7 +145,7 @@ def test_resume_falls_back_when_the_newest_checkpoint_is_truncated(world: str, t
     data = open(newest, "rb").read()
     with open(newest, "wb") as f:
         f.write(data[: len(data) // 2])
-    found = utils.load_latest_checkpoint(out)
+    found = checkpoint_io.load_latest_checkpoint(out)
     assert found is not None and found[1].endswith("checkpoint_00_000004.pth")
 
 

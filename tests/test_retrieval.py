@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from test_model import read_manifest, state_from_manifest
 
 from conftest import tiny_albef
+from engine import distributed
 from models import retrieval_eval as ev
 from models.albef import ALBEFConfig
 from models.bert import BertConfig
@@ -163,7 +164,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, model: ALBEFRetrieval, f:
 
 def test_distributed_rerank_matches_one_process(setup: tuple, tmp_path) -> None:
     model, f, _ = setup
-    assert [ev.query_share(12, r, 5) for r in range(5)] == [(0, 2), (2, 4), (4, 7), (7, 9), (9, 12)]
+    assert [distributed.shard_range(12, r, 5) for r in range(5)] == [(0, 2), (2, 4), (4, 7), (7, 9), (9, 12)]
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), model, f, str(tmp_path / "out")), nprocs=2)
     single = ev.rank_all(model, f, k_test=3, batch_size=4)
     for rank in range(2):
@@ -227,10 +228,10 @@ def spread_checkpoint(path: str) -> str:
     queries get the same ranking and a mis-ordered gather of the rank shares would not change any metric.
     """
     import Retrieval
-    import utils
+    from engine.config import load_config
 
-    config = utils.load_config(os.path.join(ROOT, "configs", "toy", "Retrieval.yaml"), Retrieval.DEFAULTS,
-                               ["toy_world=''", "image_res=32", "queue_size=48"])
+    config = load_config(os.path.join(ROOT, "configs", "toy", "Retrieval.yaml"), Retrieval.DEFAULTS,
+                         ["toy_world=''", "image_res=32", "queue_size=48"])
     model = ALBEFRetrieval(ALBEFConfig.from_config(config))
     spread_weights(model, 0.3)
     torch.save({"model": model.state_dict()}, path)

@@ -1,0 +1,199 @@
+"""Run configuration: YAML files validated against a task's schema, ``--override``, and the common CLI flags.
+
+Every task script declares its schema as a ``DEFAULTS`` dict (every accepted key with its default), built on
+``COMMON_DEFAULTS``; unknown keys and values of the wrong type raise ``ConfigError`` naming the file and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import os
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+# Keys every task config accepts, with their defaults (task scripts add theirs).
+COMMON_DEFAULTS: dict[str, Any] = {
+    "bert_config": "configs/config_bert.json",  # BERT architecture (JSON) with fusion_layer, encoder_width
+    "vision_width": 768,  # ViT width
+    "vit": {"patch_size": 16, "depth": 12, "heads": 12},  # ViT size (ViT-B/16 by default)
+    "toy_world": "",  # if set: generate the offline toy world in this folder on first use
+    "amp": "off",  # 'off' | 'bf16' | 'fp16' autocast on CUDA (ignored on CPU)
+    "compile": False,  # torch.compile the model
+    "grad_ckpt": False,  # gradient checkpointing in the ViT and BERT
+    "num_workers": 4,  # data-loading processes per rank
+    "save_every": 0,  # also checkpoint every N iterations (0: only at epoch ends)
+    "keep_last": 2,  # checkpoint_*.pth files kept
+    "max_skipped_images": 1000,  # stop when more unreadable images were skipped (-1: never)
+    "grad_clip": 0.0,  # max gradient norm (0: no clipping)
+    "nonfinite": "stop",  # on a NaN/inf loss: 'stop' or 'skip' the step
+    "log_every": 50,  # progress-bar refresh, iterations
+}
+
+
+class ConfigError(ValueError):
+    """A config file or ``--override`` is unreadable, has an unknown key, or a value of the wrong type."""
+
+
+def _yaml() -> YAML:
+    return YAML(typ="safe", pure=True)
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
+    """Return ``value`` checked (and, for floats, converted) against the type of ``default``."""
+    if default is None:
+        return value
+    expected = type(default)
+    ok = isinstance(value, expected)
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                ok = False
+    if not ok:
+        raise ConfigError(
+            f"{source}: key '{key}' expects {expected.__name__}, found {_type_name(value)} ({value!r})"
+        )
+    return value
+
+
+def _unknown_key(key: str, known: Iterable[str], source: str) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, list(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _merge(target: dict, values: Any, schema: dict, source: str, prefix: str = "") -> None:
+    """Validate ``values`` against ``schema`` and write them into ``target`` (recursively for dicts).
+
+    An empty dict in the schema accepts any mapping unvalidated.
+    """
+    if not isinstance(values, dict):
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{source}: '{where}' must be a mapping, found {_type_name(values)}")
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            raise _unknown_key(dotted, schema.keys(), source)
+        default = schema[key]
+        if isinstance(default, dict) and default:
+            if not isinstance(target.get(key), dict):
+                target[key] = copy.deepcopy(default)
+            _merge(target[key], value, default, source, prefix=f"{dotted}.")
+        else:
+            target[key] = _coerce(value, default, dotted, source)
+
+
+def _apply_override(config: dict, schema: dict, override: str) -> None:
+    source = f"--override {override!r}"
+    if "=" not in override:
+        raise ConfigError(f"{source}: expected key=value")
+    key, raw = override.split("=", 1)
+    try:
+        value = _yaml().load(raw)
+    except YAMLError as exc:
+        raise ConfigError(f"{source}: value is not valid YAML ({exc})") from exc
+    *parents, leaf = key.strip().split(".")
+    for depth, part in enumerate(parents):
+        dotted = ".".join(parents[: depth + 1])
+        if part not in schema:
+            raise _unknown_key(dotted, schema.keys(), source)
+        if not isinstance(schema[part], dict):
+            raise ConfigError(f"{source}: '{dotted}' is not a section")
+        schema = schema[part]
+        config = config.setdefault(part, {})
+    prefix = ".".join(parents) + "." if parents else ""
+    _merge(config, {leaf: value}, schema, source, prefix=prefix)
+
+
+def load_config(path: str, defaults: dict, overrides: list[str] | None = None) -> dict:
+    """Load the YAML config at ``path``, validated against ``defaults``, then apply ``overrides``.
+
+    ``defaults`` lists every allowed key with its default value; nested dicts (``optimizer``, ``schedular``) are
+    validated recursively. A default of ``None`` accepts any value; ints are accepted for floats, and so are
+    strings that parse as floats. ``overrides`` are ``key=value`` strings, dotted for nested keys, with the value
+    parsed as YAML (``schedular.epochs=2``, ``train_file=[a.json,b.json]``). Raises ``ConfigError``.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = _yaml().load(f)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line}: YAML syntax error: {exc.problem or exc}") from exc
+    except YAMLError as exc:
+        raise ConfigError(f"{path}: YAML error: {exc}") from exc
+    config = copy.deepcopy(defaults)
+    _merge(config, {} if data is None else data, defaults, path)
+    for override in overrides or []:
+        _apply_override(config, defaults, override)
+    return config
+
+
+def save_config(config: dict, path: str) -> None:
+    """Write ``config`` as block-style YAML to ``path``."""
+    yaml = _yaml()
+    yaml.default_flow_style = False
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.dump(config, f)
+
+
+class _BoolFlag(argparse.Action):
+    """``--flag`` / ``--flag true|false`` / ``--no-flag``: a real boolean (the official ``type=bool`` made
+    ``--distributed False`` true)."""
+
+    _TRUE: ClassVar[frozenset[str]] = frozenset({"1", "true", "yes", "on"})
+    _FALSE: ClassVar[frozenset[str]] = frozenset({"0", "false", "no", "off"})
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        negated = [f"--no-{s[2:]}" for s in option_strings if s.startswith("--")]
+        super().__init__(option_strings + negated, dest, nargs="?", metavar="BOOL", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string is not None and option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            setattr(namespace, self.dest, False)
+            return
+        text = "true" if values is None else str(values).lower()
+        if text not in self._TRUE | self._FALSE:
+            parser.error(f"{option_string}: expected true or false, got {values!r}")
+        setattr(namespace, self.dest, text in self._TRUE)
+
+
+def get_parser(description: str) -> argparse.ArgumentParser:
+    """Return a parser with the flags every official ALBEF script takes; scripts add their own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--checkpoint", default="", help="weights to initialise from")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume training: alone = newest checkpoint in output_dir, or a checkpoint path")
+    p.add_argument("--evaluate", action="store_true")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--text_encoder", default="bert-base-uncased")
+    p.add_argument("--world_size", type=int, default=1)
+    p.add_argument("--dist_url", default="env://")
+    p.add_argument("--distributed", action=_BoolFlag, default=None,
+                   help="true/false (or --no-distributed); default: auto-detect from RANK/WORLD_SIZE")
+    p.add_argument("--override", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, dotted keys for nested values, YAML values; repeatable")
+    return p

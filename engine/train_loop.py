@@ -1,0 +1,168 @@
+"""``train_one_epoch``: the one training loop every task runs (AMP, clipping, non-finite losses, skipped
+samples, alpha ramp, per-iteration learning rate)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from engine.distributed import get_world_size, is_main_process
+from engine.logs import MetricAccumulator
+
+logger = logging.getLogger(__name__)
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_warned_cpu_amp = False
+
+
+class SkippedImagesError(RuntimeError):
+    """More unreadable images were skipped than ``max_skipped_images`` allows."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss became NaN or inf."""
+
+    def __init__(self, epoch: int, step: int, terms: list[str]) -> None:
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step}: {', '.join(terms)}")
+        self.epoch, self.step, self.terms = epoch, step, terms
+
+
+def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``, None for fp32 (AMP is ignored off CUDA, with one warning)."""
+    global _warned_cpu_amp
+    if amp not in ("off", *_AMP_DTYPES):
+        raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {amp!r}")
+    if amp == "off":
+        return None
+    if device.type != "cuda":
+        if not _warned_cpu_amp:
+            logger.warning("amp=%s ignored on device %s: training in fp32", amp, device)
+            _warned_cpu_amp = True
+        return None
+    return _AMP_DTYPES[amp]
+
+
+def _unpack_batch(batch: Any, counter: dict, max_skipped: int, epoch: int, step: int) -> Any:
+    """Strip the trailing dropped-sample count (counted in ``counter['skipped']``); None for an empty batch."""
+    if batch is None:
+        return None
+    dropped = int(batch[-1])
+    if dropped:
+        counter["skipped"] += dropped
+        if 0 <= max_skipped < counter["skipped"]:
+            raise SkippedImagesError(
+                f"{counter['skipped']} unreadable samples dropped so far (epoch {epoch}, step {step}), "
+                f"more than max_skipped={max_skipped}; check the image paths in the annotation files"
+            )
+    return batch[:-1] or None  # () when every sample of the batch was unreadable
+
+
+def _total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    terms = [v for k, v in losses.items() if k.startswith("loss")]
+    if not terms:
+        raise ValueError(f"step_fn returned no 'loss*' entries: {sorted(losses)}")
+    total = terms[0].float().sum()
+    for term in terms[1:]:
+        total = total + term.float().sum()
+    return total
+
+
+def _backward_step(total: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: Any, grad_clip: float) -> None:
+    """backward, optional gradient clipping, optimizer step and zero_grad; ``scaler`` for fp16 or None."""
+    if scaler is not None:
+        scaler.scale(total).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    epoch: int, step_fn: Callable[[torch.nn.Module, Any, float, int], dict[str, torch.Tensor]], *,
+                    device: torch.device, alpha: float, warm_up: bool, amp: str = "off", scaler: Any = None,
+                    grad_clip: float = 0.0, start_step: int = 0,
+                    on_step: Callable[[int, int], None] | None = None, nonfinite: str = "stop",
+                    max_skipped: int = -1, skip_counter: dict | None = None,
+                    log_every: int = 50) -> dict[str, float]:
+    """Train ``model`` for one epoch (from iteration ``start_step``) and return the mean losses and 'lr'.
+
+    A resumed loader already skips the first ``start_step`` batches: the epoch has ``start_step + len(loader)``.
+    Each batch is a tuple whose last element counts dropped samples, or None.
+    ``step_fn(model, batch[:-1], alpha_i, global_step)`` (``global_step = epoch * steps_per_epoch + i``)
+    returns named scalar tensors; those whose key starts with 'loss' are summed into the total, the rest
+    are only averaged. alpha ramps as ``alpha * min(1, i / len(loader))`` in epoch 0 when ``warm_up``.
+    A non-finite total raises ``NonFiniteLossError`` (``nonfinite='stop'``) or skips the update
+    (``'skip'``, counted in ``skip_counter['nonfinite']``). ``on_step(epoch, i + 1)`` runs after every
+    iteration.
+    """
+    if nonfinite not in ("stop", "skip"):
+        raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+    device = torch.device(device)
+    dtype = _autocast_dtype(amp, device)
+    if dtype is torch.float16 and scaler is None:
+        raise ValueError("amp='fp16' needs a torch.amp.GradScaler (scaler=...)")
+    scaler = scaler if dtype is torch.float16 else None
+    counter = skip_counter if skip_counter is not None else {}
+    counter.setdefault("skipped", 0)
+    counter.setdefault("nonfinite", 0)
+    num_steps = start_step + len(loader)  # a resumed loader yields only the remaining batches
+    metrics = MetricAccumulator()
+    model.train()
+    # to a terminal: live; to a file (nohup, a cluster job's log): one line a minute, not ten a second
+    interval = 0.1 if sys.stderr.isatty() else 60.0
+    with tqdm(total=num_steps, initial=start_step, desc=f"epoch {epoch}", dynamic_ncols=True, mininterval=interval,
+              disable=not is_main_process()) as bar:
+        for i, batch in enumerate(loader, start=start_step):
+            batch = _unpack_batch(batch, counter, max_skipped, epoch, i)
+            if batch is not None:
+                alpha_i = alpha * min(1.0, i / num_steps) if epoch == 0 and warm_up else alpha
+                lr = scheduler.step(epoch, i)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    losses = step_fn(model, batch, alpha_i, epoch * num_steps + i)
+                total = _total_loss(losses)
+                if _all_finite(total):
+                    _backward_step(total, model, optimizer, scaler, grad_clip)
+                    metrics.update(**losses, lr=lr)
+                else:
+                    _handle_nonfinite(losses, optimizer, nonfinite, counter, epoch, i)
+            bar.update(1)
+            if log_every > 0 and (i + 1) % log_every == 0 and not bar.disable:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.averages(all_ranks=False).items()})
+            if on_step is not None:
+                on_step(epoch, i + 1)
+    return metrics.averages()
+
+
+def _all_finite(total: torch.Tensor) -> bool:
+    """Whether ``total`` is finite on every rank (one host sync per step: correctness before speed). Ranks
+    must agree, or a rank that skips backward would leave the others waiting in DDP's gradient all-reduce."""
+    finite = torch.isfinite(total.detach()).float()
+    if get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def _handle_nonfinite(losses: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, mode: str,
+                      counter: dict, epoch: int, step: int) -> None:
+    """Raise ``NonFiniteLossError`` naming the bad terms ('stop'), or drop this step's gradients ('skip')."""
+    terms = [k for k, v in losses.items() if k.startswith("loss") and not bool(torch.isfinite(v).all())]
+    terms = terms or ["total"]  # e.g. the bad value was on another rank
+    if mode == "stop":
+        raise NonFiniteLossError(epoch, step, terms)
+    counter["nonfinite"] += 1
+    optimizer.zero_grad(set_to_none=True)
+    logger.warning("skipping step %d of epoch %d: non-finite %s", step, epoch, ", ".join(terms))
