@@ -12,11 +12,12 @@ from conftest import tiny_albef
 from models import retrieval_eval as ev
 from models.model_retrieval import ALBEFRetrieval
 from scripts import benchmark
+from scripts.bench.inputs import make_captions
 
 
 def random_features(model: ALBEFRetrieval, n_img: int, captions: int) -> ev.RetrievalFeatures:
     """Features of random images and random captions of 2..9 tokens padded to 9."""
-    ids, att = benchmark.make_captions(n_img * captions, 9, seed=3, tokens=(2, 9))
+    ids, att = make_captions(n_img * captions, 9, seed=3, tokens=(2, 9))
     with torch.no_grad():
         image_embeds, image_feat = model.encode_image(torch.randn(n_img, 3, 32, 32))
         text_embeds, text_feat = model.encode_text(ids, att)
