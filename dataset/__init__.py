@@ -22,6 +22,7 @@ from dataset.pretrain_dataset import PretrainDataset
 from dataset.randaugment import RandomAugment
 from dataset.retrieval_dataset import RetrievalEvalDataset, RetrievalTrainDataset
 from dataset.sampler import ResumableSampler
+from dataset.shards import SHARD_DEFAULTS, ShardLoader, build_pretrain_loader, has_shards
 from dataset.transforms import CLIP_MEAN, CLIP_STD, build_transform
 from dataset.validate import DataError, load_annotations, validate_config_files
 
@@ -33,12 +34,16 @@ __all__ = [
     "PretrainDataset",
     "RandomAugment",
     "ResumableSampler",
+    "SHARD_DEFAULTS",
+    "ShardLoader",
     "RetrievalEvalDataset",
     "RetrievalTrainDataset",
     "SafeImageLoader",
+    "build_pretrain_loader",
     "build_transform",
     "collate_skip_none",
     "create_loader",
+    "has_shards",
     "load_annotations",
     "load_image",
     "pre_caption",

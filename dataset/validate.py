@@ -245,6 +245,11 @@ def validate_config_files(
     image_root = config.get("image_root") or ""
     image_root = image_root if isinstance(image_root, str) else ""
     for path, schema in pairs:
+        if schema is PRETRAIN_SCHEMA and not path.lower().endswith(".json"):
+            from dataset.shard_io import shard_problems  # a WebDataset shard spec (dataset/shards.py)
+
+            problems += shard_problems(path)
+            continue
         try:
             items = load_annotations(path, schema)
         except DataError as err:

@@ -1,0 +1,296 @@
+"""WebDataset shards: scripts/make_shards.py on the toy world, the streaming loader's epoch layout across ranks
+and workers, exact mid-epoch resume, corrupt members, missing shards, JSON files mixed in."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from dataset import DataError, build_pretrain_loader, build_transform, load_image, validate_config_files
+from dataset.shard_io import count_tar_samples, decode_image_bytes, shard_sample_count
+from dataset.toy_world import ensure_toy_world
+from scripts import make_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 40  # toy-world pre-training items
+SPEC = "{00000..00007}.tar"  # 8 shards of 5
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return ensure_toy_world(str(tmp_path_factory.mktemp("toy")), n_train=N, n_val=4, n_test=4)
+
+
+@pytest.fixture(scope="module")
+def shards(world: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("shards"))
+    assert make_shards.main(["--ann", os.path.join(world, "pretrain.json"), "--out-dir", out,
+                             "--max-count", "5", "--workers", "0"]) == 0
+    return out
+
+
+def all_keys() -> set[str]:
+    return {f"000_{i:09d}" for i in range(N)}
+
+
+def config(train_file: list[str], **kw: object) -> dict:
+    return {"train_file": train_file, "batch_size": 5, "num_workers": 2, "shuffle_buffer": 4, **kw}
+
+
+def epoch_batches(loader: object, epoch: int) -> list[tuple]:
+    loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def keys_of(batches: list[tuple]) -> list[str]:
+    return [k for b in batches for k in b[2]]
+
+
+TRANSFORM = build_transform("pretrain", 32)
+
+
+def test_make_shards_manifest_and_resume(shards: str, world: str, tmp_path) -> None:
+    manifest = json.load(open(os.path.join(shards, "manifest.json")))
+    assert manifest["complete"] and manifest["num_samples"] == N and manifest["num_unreadable"] == 0
+    assert [s["num_samples"] for s in manifest["shards"]] == [5] * 8
+    assert [s["first"] for s in manifest["shards"]] == list(range(0, N, 5))
+    keys = {k for s in range(8) for k, _ in _members(os.path.join(shards, f"{s:05d}.tar"))}
+    assert keys == all_keys()
+    # an interrupted run: the last 3 shards never finished (one left as a partial .tmp) -> a rerun completes them
+    out = str(tmp_path / "resumed")
+    shutil.copytree(shards, out)
+    cut = dict(manifest, complete=False, shards=manifest["shards"][:5])
+    json.dump(cut, open(os.path.join(out, "manifest.json"), "w"))
+    for s in range(5, 8):
+        os.replace(os.path.join(out, f"{s:05d}.tar"), os.path.join(out, f"{s:05d}.tar.tmp"))
+    assert make_shards.main(["--ann", os.path.join(world, "pretrain.json"), "--out-dir", out,
+                             "--max-count", "5", "--workers", "0"]) == 0
+    for s in range(8):  # identical bytes: fixed order, fixed mtime
+        assert _digest(os.path.join(out, f"{s:05d}.tar")) == _digest(os.path.join(shards, f"{s:05d}.tar"))
+    # other arguments in the same directory are refused (exit 2), not mixed in
+    assert make_shards.main(["--ann", os.path.join(world, "pretrain.json"), "--out-dir", out,
+                             "--max-count", "6", "--workers", "0"]) == 2
+
+
+def test_make_shards_by_bytes(world: str, tmp_path) -> None:
+    out = str(tmp_path / "by_bytes")
+    limit = 25_000
+    assert make_shards.main(["--ann", os.path.join(world, "pretrain.json"), "--out-dir", out, "--max-bytes",
+                             str(limit), "--short-side", "40", "--workers", "0"]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["num_samples"] == N
+    for s in manifest["shards"]:
+        members = _members(os.path.join(out, s["name"]))
+        data = sum(len(v) for _, v in members) + make_shards._TAR_OVERHEAD * s["num_samples"]
+        assert s["num_samples"] == 1 or data <= limit
+        assert s["num_samples"] == count_tar_samples(os.path.join(out, s["name"]))
+        images = [Image.open(io.BytesIO(v)) for k, v in members if v[:4] == b"\x89PNG"]
+        assert images and all(min(img.size) == 40 for img in images)  # the 64 px toy images, shrunk
+    assert len(manifest["shards"]) > 2
+
+
+def test_two_epochs_two_workers_each_sample_once(shards: str) -> None:
+    loader = build_pretrain_loader(config([os.path.join(shards, SPEC)]), TRANSFORM, seed=3, return_keys=True)
+    assert len(loader) == 8 and loader.batch_size == 5
+    orders = []
+    for epoch in range(2):
+        batches = epoch_batches(loader, epoch)
+        assert len(batches) == 8
+        assert all(b[0].shape == (5, 3, 32, 32) and b[-1] == 0 for b in batches)
+        keys = keys_of(batches)
+        assert len(keys) == N and set(keys) == all_keys()
+        orders.append(keys)
+    assert orders[0] != orders[1]  # a new order each epoch
+    again = build_pretrain_loader(config([os.path.join(shards, SPEC)]), TRANSFORM, seed=3, return_keys=True)
+    assert keys_of(epoch_batches(again, 1)) == orders[1]  # a function of (seed, epoch) only
+
+
+@pytest.mark.parametrize("num_samples", [0, 36])
+def test_two_ranks_disjoint_with_equal_steps(shards: str, num_samples: int) -> None:
+    cfg = config([os.path.join(shards, SPEC)], batch_size=4, train_num_samples=num_samples)
+    per_rank = []
+    for rank in range(2):
+        loader = build_pretrain_loader(cfg, TRANSFORM, seed=0, rank=rank, world_size=2, return_keys=True)
+        batches = epoch_batches(loader, 0)
+        assert len(loader) == len(batches) == (N if not num_samples else num_samples) // 8
+        per_rank.append(keys_of(batches))
+    assert not set(per_rank[0]) & set(per_rank[1])
+    seen = per_rank[0] + per_rank[1]
+    assert len(seen) == len(set(seen)) == len(per_rank[0]) * 2
+    assert set(seen) == all_keys() if not num_samples else len(seen) == 32
+
+
+def test_epoch_longer_than_the_data_takes_a_second_pass(shards: str) -> None:
+    loader = build_pretrain_loader(config([os.path.join(shards, SPEC)], train_num_samples=60), TRANSFORM,
+                                   seed=0, return_keys=True)
+    counts = collections.Counter(keys_of(epoch_batches(loader, 0)))
+    assert len(loader) == 12 and sum(counts.values()) == 60
+    assert set(counts) == all_keys() and max(counts.values()) == 2
+
+
+def test_mid_epoch_resume_is_exact(shards: str) -> None:
+    cfg = config([os.path.join(shards, SPEC)])
+    full = epoch_batches(build_pretrain_loader(cfg, TRANSFORM, seed=1, return_keys=True), 1)
+    resumed = build_pretrain_loader(cfg, TRANSFORM, seed=1, return_keys=True)
+    resumed.sampler.set_epoch(1)
+    resumed.sampler.set_start(3 * 5)
+    assert len(resumed) == 5
+    rest = list(resumed)
+    assert len(resumed) == 8  # the skip applied to one iteration
+    assert [b[1:] for b in rest] == [b[1:] for b in full[3:]]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, full[3:], strict=True))  # augmentation too
+    with pytest.raises(ValueError, match="multiple of batch size"):
+        resumed.sampler.set_start(7)
+
+
+def _members(path: str) -> list[tuple[str, bytes]]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m.name.split(".")[0], tar.extractfile(m).read()) for m in tar if m.isreg()]
+
+
+def _digest(path: str) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_corrupt_members_are_skipped_and_counted(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    jpeg = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 10, 10)).save(jpeg, "JPEG")
+    samples = [
+        {"__key__": "good0", "png": _png(0), "txt": b"A red square."},
+        {"__key__": "truncated", "jpg": jpeg.getvalue()[:200], "txt": b"a cut jpeg"},
+        {"__key__": "nocaption", "png": _png(1)},
+        {"__key__": "emptycaption", "png": _png(2), "txt": b"?!."},
+        {"__key__": "noimage", "txt": b"only text"},
+        {"__key__": "good1", "jpg": jpeg.getvalue(), "json": json.dumps({"caption": ["Two", "Three"]}).encode()},
+    ]
+    with wds.TarWriter(str(tmp_path / "bad.tar"), encoder=False) as writer:
+        for sample in samples:
+            writer.write(sample)
+    assert shard_sample_count(str(tmp_path / "bad.tar")) == 6  # no manifest: counted from the headers
+    cfg = config([str(tmp_path / "bad.tar")], batch_size=6, num_workers=0)
+    with caplog.at_level(logging.WARNING):
+        (batch,) = epoch_batches(build_pretrain_loader(cfg, TRANSFORM, seed=0, return_keys=True), 0)
+    images, captions, keys, dropped = batch
+    assert images.shape == (2, 3, 32, 32) and dropped == 4
+    assert sorted(keys) == ["good0", "good1"]
+    assert captions[keys.index("good0")] == "a red square" and captions[keys.index("good1")] in ("two", "three")
+    for key in ("truncated", "nocaption", "emptycaption", "noimage"):
+        assert key in caplog.text
+
+
+def test_truncated_tar_keeps_the_epoch_length(shards: str, tmp_path) -> None:
+    out = str(tmp_path / "cut")
+    shutil.copytree(shards, out)
+    path = os.path.join(out, "00002.tar")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    loader = build_pretrain_loader(config([os.path.join(out, SPEC)]), TRANSFORM, seed=0, return_keys=True)
+    batches = epoch_batches(loader, 0)
+    kept, dropped = keys_of(batches), sum(b[-1] for b in batches)
+    assert len(batches) == 8 and len(kept) + dropped == N and 0 < dropped < 5
+    assert len(set(kept)) == len(kept)
+
+
+def test_missing_shard_is_a_clear_error(shards: str, tmp_path) -> None:
+    out = str(tmp_path / "missing")
+    shutil.copytree(shards, out)
+    os.remove(os.path.join(out, "00006.tar"))
+    spec = os.path.join(out, SPEC)
+    with pytest.raises(DataError, match="shard file not found: .*00006.tar"):
+        build_pretrain_loader(config([spec]), TRANSFORM, seed=0)
+    problems = validate_config_files({"train_file": [spec]}, "pretrain")
+    assert len(problems) == 1 and "00006.tar" in problems[0]
+    # a shard that disappears after the loader was built
+    loader = build_pretrain_loader(config([os.path.join(shards, SPEC)], num_workers=0), TRANSFORM, seed=0)
+    loader.dataset.units[3] = loader.dataset.units[3].__class__(os.path.join(out, "00006.tar"), 5)
+    with pytest.raises(DataError, match="shard file not found: .*00006.tar"):
+        epoch_batches(loader, 0)
+
+
+def test_json_only_gives_the_json_loader_and_mixing_works(shards: str, world: str) -> None:
+    ann = os.path.join(world, "pretrain.json")
+    loader = build_pretrain_loader(config([ann]), TRANSFORM, seed=0)
+    assert isinstance(loader, DataLoader) and len(loader) == N // 5
+    assert validate_config_files({"train_file": [ann, os.path.join(shards, SPEC)]}, "pretrain") == []
+    mixed = build_pretrain_loader(config([os.path.join(shards, "{00000..00003}.tar"), ann]), TRANSFORM, seed=0,
+                                  return_keys=True)
+    keys = keys_of(epoch_batches(mixed, 0))
+    assert len(mixed) == 12 and len(keys) == len(set(keys)) == 60
+    assert {k for k in keys if "#" in k} == {f"pretrain.json#{i}" for i in range(N)}
+
+
+def test_decode_image_bytes_matches_load_image(tmp_path) -> None:
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    path = str(tmp_path / "rotated.jpg")
+    img.save(path, "JPEG", exif=exif.tobytes())
+    want = np.asarray(load_image(path))
+    got = np.asarray(decode_image_bytes(open(path, "rb").read(), "rotated.jpg"))
+    assert want.shape == (50, 30, 3) and np.array_equal(got, want)
+
+
+def test_img2dataset_stats_give_the_count(tmp_path) -> None:
+    with wds.TarWriter(str(tmp_path / "00000.tar"), encoder=False) as writer:
+        writer.write({"__key__": "a", "png": _png(0), "txt": b"x"})
+    json.dump({"successes": 1, "failed_to_download": 9}, open(tmp_path / "00000_stats.json", "w"))
+    assert shard_sample_count(str(tmp_path / "00000.tar")) == 1
+
+
+PROBE = """
+import json, os, sys
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+from dataset import build_pretrain_loader, build_transform
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+cfg = {{"train_file": [{spec!r}], "batch_size": 5, "num_workers": 2, "shuffle_buffer": 4}}
+loader = build_pretrain_loader(cfg, build_transform("test", 16), seed=0, rank=rank, world_size=world,
+                               return_keys=True)
+epochs = []
+for epoch in range(2):
+    loader.sampler.set_epoch(epoch)
+    epochs.append([list(b[2]) for b in loader])
+gathered = [None] * world
+dist.all_gather_object(gathered, epochs)
+if rank == 0:
+    json.dump(gathered, open({out!r}, "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_under_torchrun(shards: str, tmp_path) -> None:
+    """torchrun --nproc_per_node=2 (gloo), 2 loader workers each: every sample once per epoch, equal steps."""
+    out, script = str(tmp_path / "keys.json"), tmp_path / "probe.py"
+    script.write_text(PROBE.format(root=ROOT, spec=os.path.join(shards, SPEC), out=out))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.load(open(out))
+    for epoch in range(2):
+        steps = [len(r[epoch]) for r in ranks]
+        keys = [k for r in ranks for batch in r[epoch] for k in batch]
+        assert steps == [4, 4] and len(keys) == N and set(keys) == all_keys()
