@@ -1,9 +1,11 @@
 """The official ALBEF learning-rate schedule: linear warm-up inside epoch 0, then a per-epoch cosine.
 
 The official scripts drive timm's ``CosineLRScheduler`` (``warmup_prefix``, one cycle) from the training loop:
-in epoch 0 they call ``step(i // 100)`` at every iteration ``i`` with ``i % 100 == 0 and i <= warmup_epochs*100``;
-at the start of epoch ``e > 0`` they call ``step(e + warmup_epochs)``. ``WarmupCosineScheduler`` computes the
-resulting value directly from ``(epoch, iteration)``.
+in epoch 0 they call ``step(i // 100)`` *after* the optimizer step of every iteration ``i`` with
+``i % 100 == 0 and i <= warmup_epochs*100``; at the start of epoch ``e > 0`` they call ``step(e + warmup_epochs)``.
+Iteration ``i`` of epoch 0 therefore trains with warm-up step ``min((i - 1) // 100, warmup_epochs)`` (0 at
+``i = 0``): iteration 100 still uses step 0, iteration 101 the first raised rate. ``WarmupCosineScheduler``
+computes the resulting value directly from ``(epoch, iteration)``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class WarmupCosineScheduler:
 
     Note that ``warmup_epochs`` counts *100-iteration steps inside epoch 0*, not epochs: for Pretrain.yaml
     (warmup_epochs 20) the lr rises from ``warmup_lr`` to ``lr`` every 100 iterations over the first 2,000
-    iterations and stays at ``lr`` for the rest of epoch 0. Epoch ``e > 0`` uses
-    ``min_lr + 0.5 * (lr - min_lr) * (1 + cos(pi * e / epochs))`` (``min_lr`` once ``e >= epochs``).
+    iterations (iteration 2,001 is the first at ``lr``) and stays at ``lr`` for the rest of epoch 0. Epoch
+    ``e > 0`` uses ``min_lr + 0.5 * (lr - min_lr) * (1 + cos(pi * e / epochs))`` (``min_lr`` once ``e >= epochs``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: dict) -> None:
@@ -57,8 +59,8 @@ class WarmupCosineScheduler:
 
     def _timm_t(self, epoch: int, step: int) -> int:
         """The argument the official loop last passed to timm's ``step`` before iteration ``step``."""
-        if epoch == 0:
-            return min(step // STEP_SIZE, self.warmup_steps)
+        if epoch == 0:  # the official loop advances the warm-up after iteration i's optimizer step
+            return min(max(step - 1, 0) // STEP_SIZE, self.warmup_steps)
         return epoch + self.warmup_steps
 
     def _value(self, t: int, base_lr: float) -> float:
