@@ -27,6 +27,8 @@ RETRIEVAL_TRAIN_SCHEMA: dict[str, TypeSpec] = {
     "image_id": (str, int, float),
 }
 RETRIEVAL_EVAL_SCHEMA: dict[str, TypeSpec] = {"image": str, "caption": list}
+GROUNDING_TRAIN_SCHEMA: dict[str, TypeSpec] = {"image": str, "text": str}
+GROUNDING_TEST_SCHEMA: dict[str, TypeSpec] = {"image": str, "text": str, "ref_id": int}
 
 # How many unreadable images are listed per file before summarising.
 _MAX_LISTED_IMAGES = 20

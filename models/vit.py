@@ -8,6 +8,8 @@ attention goes through timm's fused ``scaled_dot_product_attention`` path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -39,6 +41,33 @@ def build_vit(
     )
     vit.set_grad_checkpointing(grad_ckpt)
     return vit
+
+
+@contextmanager
+def saved_attention(vit: VisionTransformer, block: int) -> Iterator[list[Tensor]]:
+    """Keep the attention probabilities of ViT block ``block`` (for Grad-CAM, official ``register_blk``).
+
+    Inside the context the block computes attention explicitly (timm's non-fused path, the same math) and
+    each forward appends its post-dropout probabilities (B, nh, N, N) to the yielded list, the tensor whose
+    gradient the official code keeps. Gradient checkpointing is paused (a recomputed forward would record
+    again). On exit the fused SDPA path and checkpointing are restored.
+
+    Raises:
+        IndexError: ``block`` is not one of the encoder's blocks.
+    """
+    if not 0 <= block < len(vit.blocks):
+        raise IndexError(f"ViT block {block} does not exist (the encoder has {len(vit.blocks)} blocks)")
+    attn = vit.blocks[block].attn
+    recorded: list[Tensor] = []
+    fused, ckpt = attn.fused_attn, vit.grad_checkpointing
+    # timm's explicit path applies attn_drop to the softmax probabilities; its output is what multiplies V
+    hook = attn.attn_drop.register_forward_hook(lambda _module, _inputs, probs: recorded.append(probs))
+    attn.fused_attn, vit.grad_checkpointing = False, False
+    try:
+        yield recorded
+    finally:
+        hook.remove()
+        attn.fused_attn, vit.grad_checkpointing = fused, ckpt
 
 
 def interpolate_pos_embed(pos_embed: Tensor, num_patches: int, num_extra_tokens: int = 1) -> Tensor:

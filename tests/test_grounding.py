@@ -1,0 +1,285 @@
+"""Grad-CAM, proposal ranking, grounding ground truth and pictures (paper Sec. 6.4)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from conftest import tiny_albef, tiny_bert
+from dataset.grounding_dataset import (
+    DataError,
+    GroundingEvalDataset,
+    GroundingTrainDataset,
+    RefTruth,
+    load_dets,
+    load_ground_truth,
+    load_plain_truth,
+    load_refer_truth,
+)
+from dataset.grounding_eval import (
+    box_scores,
+    compute_iou,
+    grounding_accuracy,
+    pick_box,
+    proposal_stats,
+    upsample_map,
+)
+from dataset.toy_world import ensure_toy_world
+from dataset.transforms import build_transform
+from models.albef import ALBEFConfig
+from models.gradcam import default_block, gradcam
+from models.model_retrieval import ALBEFRetrieval
+
+
+def batch(config: ALBEFConfig, b: int = 2, t: int = 6) -> tuple[Tensor, Tensor, Tensor]:
+    image = torch.randn(b, 3, config.image_res, config.image_res)
+    ids = torch.randint(1000, 2000, (b, t))
+    mask = torch.ones(b, t, dtype=torch.long)
+    if b > 1:
+        mask[-1, t - 2:] = 0  # the last text is padded
+    return image, ids, mask
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+@pytest.mark.parametrize("config, grid, itm_block, itc_block", [
+    (tiny_albef(), 4, 2, 1),  # 32 px / patch 8; 2 fusion layers of 4; 2 ViT blocks
+    (tiny_albef(bert=tiny_bert(num_hidden_layers=6, num_attention_heads=4), image_res=48, vision_depth=3,
+                vision_heads=4), 6, 4, 2),  # 48 px: 6x6 grid; the third fusion layer exists
+])
+def test_gradcam_map_shapes(config: ALBEFConfig, grid: int, itm_block: int, itc_block: int) -> None:
+    model = ALBEFRetrieval(config).train()
+    image, ids, mask = batch(config)
+    assert default_block(model, "itm") == itm_block and default_block(model, "itc") == itc_block
+    itm = gradcam(model, image, ids, mask, mode="itm")
+    assert itm["map"].shape == (2, grid, grid) and itm["token_maps"].shape == (2, 6, grid, grid)
+    assert itm["score"].shape == (2,)
+    assert (itm["token_maps"] >= 0).all() and itm["token_maps"].sum() > 0
+    assert (itm["token_maps"][1, 4:] == 0).all()  # padded tokens
+    torch.testing.assert_close(itm["map"], itm["token_maps"].mean(1))
+    itc = gradcam(model, image, ids, mask, mode="itc")
+    assert itc["map"].shape == (2, grid, grid) and set(itc) == {"map", "score"}
+    assert model.training  # the caller's mode is restored
+    assert all(p.grad is None for p in model.parameters())  # parameter gradients untouched
+
+
+def test_default_blocks_of_the_full_model_are_the_official_8() -> None:
+    full = SimpleNamespace(config=ALBEFConfig())
+    assert default_block(full, "itm") == 8 and default_block(full, "itc") == 8
+
+
+def test_gradcam_leaves_the_fused_attention_path() -> None:
+    config = tiny_albef()
+    model = ALBEFRetrieval(config).eval()
+    image, ids, mask = batch(config)
+    with torch.no_grad():
+        image_embeds, _ = model.encode_image(image)
+        text_embeds, _ = model.encode_text(ids, mask)
+        before = model.itm_logits(text_embeds, mask, image_embeds)
+    out = gradcam(model, image, ids, mask, block_num=3)
+    torch.testing.assert_close(out["score"], before[:, 1])  # explicit attention: the same logits
+    gradcam(model, image, ids, mask, mode="itc", block_num=0)
+    cross = model.bert.encoder.layer[3].crossattention.self
+    assert not cross.save_attention and cross.attention_map is None
+    assert all(blk.attn.fused_attn == model.visual_encoder.blocks[1].attn.fused_attn
+               for blk in model.visual_encoder.blocks)
+    with pytest.raises(ValueError, match="fusion layer"):
+        gradcam(model, image, ids, mask, block_num=1)  # a text-only layer has no cross-attention
+    with pytest.raises(IndexError):
+        gradcam(model, image, ids, mask, mode="itc", block_num=2)
+
+
+class FixedTokens(nn.Module):
+    """Stands in for the ViT: the same image tokens (1, 1+G*G, D) for every image."""
+
+    def __init__(self, tokens: Tensor) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(tokens)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.tokens.expand(image.size(0), -1, -1)
+
+
+def forced_attention_model(patch: int, heads: int) -> ALBEFRetrieval:
+    """Cross-attention of layer 2 attends (for every head and token) to grid patch ``patch`` only."""
+    config = tiny_albef(bert=tiny_bert(num_attention_heads=heads))
+    model = ALBEFRetrieval(config)
+    width, grid = config.vision_width, 4
+    tokens = torch.zeros(1, 1 + grid * grid, width)
+    tokens[0, 1:, 1:] = 0.01 * torch.randn(grid * grid, width - 1)
+    tokens[0, 1 + patch, 0] = 5.0  # only the chosen patch has a component along dimension 0
+    model.visual_encoder = FixedTokens(tokens)
+    cross = model.bert.encoder.layer[2].crossattention.self
+    with torch.no_grad():
+        cross.query.weight.zero_()
+        cross.query.bias.fill_(1.0)  # the same query for every token
+        cross.key.weight.zero_()
+        cross.key.weight[:, 0] = 10.0  # key = 10 * token[0] in every dimension: only the patch scores
+        cross.key.bias.zero_()
+    return model
+
+
+def negated_itm(model: ALBEFRetrieval) -> ALBEFRetrieval:
+    """The same model with the ITM positive logit's weights negated: every gradient changes sign."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.itm_head.weight[1].neg_()
+        other.itm_head.bias[1].neg_()
+    return other
+
+
+@pytest.mark.parametrize("heads, t", [(2, 6), (1, 1)])
+def test_itm_heat_peaks_at_the_patch_the_cross_attention_attends(heads: int, t: int) -> None:
+    patch, grid = 9, 4
+    image, ids, mask = batch(tiny_albef(), b=1, t=t)
+    model = forced_attention_model(patch, heads)
+    peaks = []
+    for m in (model, negated_itm(model)):
+        heat = gradcam(m, image, ids, mask, block_num=2)["map"][0].flatten()
+        others = heat[torch.arange(grid * grid) != patch]
+        assert (others == 0).all()  # no attention there: softmax weights underflow to exactly 0
+        peaks.append(heat[patch].item())
+    assert max(peaks) > 0
+    if heads == t == 1:  # one gradient at the patch: one sign keeps it, the clamp removes the other
+        assert min(peaks) == 0.0
+
+
+# ----------------------------------------------------------------------------- box ranking
+@pytest.mark.parametrize("a, b, expected", [
+    ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),
+    ([0, 0, 10, 10], [5, 0, 10, 10], 50 / 150),  # 5 x 10 pixels shared
+    ([0, 0, 10, 10], [2, 2, 4, 4], 16 / 100),  # contained
+    ([0, 0, 10, 10], [10, 0, 10, 10], 0.0),  # adjacent
+    ([0, 0, 10, 10], [9, 0, 10, 10], 0.0),  # one shared pixel column: zero, as the official computeIoU
+    ([0, 0, 10, 20], [5, 10, 10, 20], 50 / 350),
+])
+def test_compute_iou_hand_values(a: list, b: list, expected: float) -> None:
+    assert compute_iou(a, b) == pytest.approx(expected)
+    assert compute_iou(b, a) == pytest.approx(expected)
+
+
+def test_box_scores_sum_the_heat_inside_over_the_root_area() -> None:
+    heat = torch.arange(16, dtype=torch.float).view(4, 4)  # heat[r, c] = 4r + c
+    boxes = [[1, 1, 2, 2], [0.5, 0.9, 2.2, 1.5], [0, 0, 4, 4, 0.99]]
+    # rows 1-2, cols 1-2: 5+6+9+10 = 30 over 2; rows int(0.9)=0 : int(2.4)=2, cols 0 : int(2.7)=2: 0+1+4+5 = 10
+    expected = [30 / 2, 10 / 3.3**0.5, 120 / 4]
+    assert box_scores(heat, boxes) == pytest.approx(expected)
+    assert box_scores(heat, boxes[:1], alpha=1.0) == pytest.approx([30 / 4])
+    assert pick_box(heat, boxes) == 2
+    assert pick_box(torch.zeros(4, 4), boxes) == 0  # all equal: the first
+
+
+def test_upsample_map_is_bicubic_to_the_image_size() -> None:
+    heat = torch.zeros(2, 2)
+    heat[0, 0] = 1.0
+    up = upsample_map(heat, 6, 4)
+    assert up.shape == (6, 4)
+    assert up[0, 0] > up[5, 3] and up[:3, :2].sum() > up[3:, 2:].sum()
+    torch.testing.assert_close(upsample_map(torch.full((3, 3), 2.0), 7, 5), torch.full((7, 5), 2.0))
+
+
+def test_grounding_accuracy_per_split() -> None:
+    truth = {1: RefTruth("val", (0, 0, 4, 4), 7, 8, 8), 2: RefTruth("testA", (4, 4, 4, 4), 7, 8, 8),
+             3: RefTruth("testA", (4, 0, 4, 4), 7, 8, 8)}
+    dets = {"7": [[0, 0, 4, 4, 0.9], [4, 4, 4, 4, 0.8], [4, 0, 4, 4, 0.5]]}
+    top_left, bottom_right = torch.zeros(2, 2), torch.zeros(2, 2)
+    top_left[0, 0] = bottom_right[1, 1] = 1.0
+    maps = {1: top_left, 2: bottom_right, 3: bottom_right}  # ref 3 (top right) picks the wrong box
+    assert grounding_accuracy(maps, truth, dets) == {"val_d": 1.0, "testA_d": 0.5}
+    stats = proposal_stats([1, 2, 3], truth, dets)
+    assert stats["testA"] == {"n": 2, "chance": pytest.approx(1 / 3), "min_proposals": 3, "one_hit": 1.0}
+    with pytest.raises(KeyError, match="no proposals"):
+        grounding_accuracy(maps, truth, {"8": dets["7"]})
+
+
+# ----------------------------------------------------------------------------- ground truth on the toy world
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("toy") / "world"
+    return Path(ensure_toy_world(str(root), seed=5, n_train=4, n_val=6, n_test=8, image_size=64))
+
+
+def write_refer_layout(world: Path, root: Path) -> Path:
+    """The toy refs.json in the official refer layout: refs(unc).p (pickle) and instances.json."""
+    refs = json.loads((world / "refs.json").read_text())
+    folder = root / "refcoco+"
+    folder.mkdir(parents=True)
+    pickled, anns, images = [], [], {}
+    for ref_id, ref in refs.items():
+        ann_id = 1000 + int(ref_id)  # annotation ids differ from ref ids, as in RefCOCO+
+        pickled.append({"ref_id": int(ref_id), "ann_id": ann_id, "image_id": ref["image_id"], "split": ref["split"],
+                        "category_id": 1, "sentences": [{"sent_id": int(ref_id), "tokens": [], "raw": ""}]})
+        anns.append({"id": ann_id, "image_id": ref["image_id"], "bbox": ref["bbox"], "category_id": 1})
+        images[ref["image_id"]] = {"id": ref["image_id"], "height": ref["height"], "width": ref["width"],
+                                   "file_name": ref["image"]}
+    with open(folder / "refs(unc).p", "wb") as f:
+        pickle.dump(pickled, f, protocol=2)
+    instances = {"images": list(images.values()), "annotations": anns, "categories": [{"id": 1, "name": "shape"}]}
+    (folder / "instances.json").write_text(json.dumps(instances))
+    return root
+
+
+def test_refer_layout_and_plain_json_give_the_same_accuracy(world: Path, tmp_path: Path) -> None:
+    plain = load_ground_truth(str(world / "refs.json"))
+    refer = load_ground_truth(str(write_refer_layout(world, tmp_path / "data")))
+    assert refer == plain and len(plain) == len(json.loads((world / "refs.json").read_text()))
+    assert {r.split for r in plain.values()} == {"val", "testA", "testB"}
+    dets = load_dets(str(world / "dets.json"))
+    stats = proposal_stats(list(plain), plain, dets)
+    assert all(s["min_proposals"] >= 3 and s["chance"] <= 1 / 3 for s in stats.values())
+    maps = {ref_id: torch.rand(8, 8) for ref_id in plain}
+    accuracy = grounding_accuracy(maps, plain, dets)
+    assert accuracy == grounding_accuracy(maps, refer, dets)
+    assert set(accuracy) == {"val_d", "testA_d", "testB_d"}
+    # a map that is hot exactly on the true box picks a proposal overlapping it (>= 0.5 on the toy proposals)
+    oracle = {}
+    for ref_id, ref in plain.items():
+        heat = torch.zeros(ref.height, ref.width)
+        x, y, w, h = map(int, ref.bbox)
+        heat[y:y + h, x:x + w] = 1.0
+        oracle[ref_id] = heat
+    assert all(acc > 0.8 for acc in grounding_accuracy(oracle, plain, dets).values())
+
+
+def test_refs_pickle_with_a_class_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "refcoco+"
+    folder.mkdir()
+    with open(folder / "refs(unc).p", "wb") as f:
+        pickle.dump([{"ref_id": 1, "path": Path("x")}], f)
+    (folder / "instances.json").write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(DataError, match="refuses to load"):
+        load_refer_truth(str(tmp_path))
+
+
+def test_plain_truth_errors_name_the_ref(tmp_path: Path) -> None:
+    path = tmp_path / "refs.json"
+    path.write_text(json.dumps({"3": {"split": "val", "bbox": [0, 0, 4], "image_id": 1, "height": 8, "width": 8}}))
+    with pytest.raises(DataError, match=r"ref_id '3'.*bbox"):
+        load_plain_truth(str(path))
+    path.write_text(json.dumps({"3": {"split": "val", "bbox": [0, 0, 4, 4], "image_id": 1}}))
+    with pytest.raises(DataError, match="missing key"):
+        load_plain_truth(str(path))
+
+
+def test_datasets(world: Path, tmp_path: Path) -> None:
+    items = json.loads((world / "grounding_train.json").read_text())
+    first = items[0]["image"]
+    # the same file name under another folder: the same image id for ITC (official basename rule)
+    extra = [{"image": first, "text": "The RED, circle!"}, {"image": "other/" + first.split("/")[-1], "text": "x"}]
+    (world / "other").mkdir(exist_ok=True)
+    (world / "other" / first.split("/")[-1]).write_bytes((world / first).read_bytes())
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps(extra))
+    train = GroundingTrainDataset([str(train_file)], build_transform("grounding_train", 32, randaug=False),
+                                  str(world))
+    (image, text, idx), (_, _, idx2) = train[0], train[1]
+    assert image.shape == (3, 32, 32) and text == "the red circle" and idx == idx2 == 0
+    test = GroundingEvalDataset([str(world / "grounding_test.json")], build_transform("test", 32), str(world))
+    image, text, ref_id = test[3]
+    assert ref_id == json.loads((world / "grounding_test.json").read_text())[3]["ref_id"] == test.ref_ids[3]
