@@ -1,34 +1,30 @@
-"""Scene model and task annotations (VQA, NLVR2, SNLI-VE, grounding) of the toy world.
+"""Task annotations (VQA, NLVR2, SNLI-VE) of the toy world, in the official ALBEF formats.
 
-`dataset.toy_world` samples and renders scenes; this module only turns scene records into
-annotation items in the official ALBEF formats. All randomness comes from the
-`random.Random` passed in, so the output is a pure function of its inputs.
-
-Vertical relations ("above"/"below") are used only between objects whose bounding boxes are
-vertically disjoint, so every statement stays true under the horizontal flips used in training.
+`dataset.toy_render` samples and renders scenes (`dataset.toy_scene`); this module only turns scene
+records into annotation items (grounding: `dataset.toy_grounding`). All randomness comes from the
+`random.Random` passed in, so the output is a pure function of its inputs. Statements of a vertical
+relation follow `is_above` (boxes vertically disjoint), so they stay true under horizontal flips.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
-PLURALS: dict[str, str] = {s: ("crosses" if s == "cross" else s + "s") for s in SHAPES}
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (214, 39, 40),
-    "green": (34, 150, 50),
-    "blue": (30, 80, 220),
-    "yellow": (235, 195, 20),
-    "purple": (140, 50, 175),
-    "orange": (250, 125, 15),
-    "black": (25, 25, 25),
-}
-SIZES: tuple[str, ...] = ("small", "large")
-SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
+from dataset.toy_scene import (
+    COLORS,
+    NUMBERS,
+    PLURALS,
+    SHAPES,
+    SIZES,
+    Scene,
+    absent_pair,
+    article,
+    counted,
+    is_above,
+    vertical_pairs,
+)
+
 VQA_ANSWERS: dict[str, tuple[str, ...]] = {
     "count": ("0", "1", "2", "3", "4"),
     "color": tuple(COLORS),
@@ -36,73 +32,6 @@ VQA_ANSWERS: dict[str, tuple[str, ...]] = {
     "yesno": ("yes", "no"),
     "size": SIZES,
 }
-
-
-@dataclass(frozen=True)
-class ToyObject:
-    """One rendered object; geometry in output-image pixels, `bbox` is `[x, y, w, h]`."""
-
-    shape: str
-    color: str
-    size: str
-    cx: float
-    cy: float
-    radius: float
-    bbox: tuple[int, int, int, int]
-
-    @property
-    def name(self) -> str:
-        return f"{self.color} {self.shape}"
-
-
-@dataclass(frozen=True)
-class Scene:
-    """One image: its split, per-split index, global integer id and objects."""
-
-    image_id: int
-    split: str
-    index: int
-    objects: tuple[ToyObject, ...]
-
-    @property
-    def image(self) -> str:
-        """Image path relative to the world root."""
-        return f"images/{self.split}/{self.index:05d}.png"
-
-    @property
-    def key(self) -> str:
-        return f"{self.split}_{self.index:05d}"
-
-    def pairs(self) -> set[tuple[str, str]]:
-        return {(o.color, o.shape) for o in self.objects}
-
-    def count(self, shape: str | None = None, color: str | None = None) -> int:
-        return sum((shape in (None, o.shape)) and (color in (None, o.color)) for o in self.objects)
-
-
-def is_above(a: ToyObject, b: ToyObject) -> bool:
-    """True when `a` lies entirely above `b` (bounding boxes vertically disjoint)."""
-    return a.bbox[1] + a.bbox[3] <= b.bbox[1]
-
-
-def article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def counted(n: int, noun: str = "shape") -> str:
-    """'one shape', 'three shapes'."""
-    return f"{NUMBERS[n]} {noun}" + ("" if n == 1 else "s")
-
-
-def absent_pair(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    """A (colour, shape) pair that is not in the scene."""
-    taken = scene.pairs()
-    return rng.choice([pair for pair in ALL_PAIRS if pair not in taken])
-
-
-def vertical_pairs(scene: Scene) -> list[tuple[ToyObject, ToyObject]]:
-    """All (upper, lower) object pairs with a clear vertical relation."""
-    return [(a, b) for a in scene.objects for b in scene.objects if is_above(a, b)]
 
 
 # ----------------------------------------------------------------------------- VQA
@@ -319,91 +248,3 @@ def build_ve(scenes: Sequence[Scene], rng: random.Random) -> list[dict[str, str]
     rng.shuffle(items)
     return items
 
-
-# ----------------------------------------------------------------------------- grounding
-def referring_expressions(scene: Scene, target: ToyObject) -> list[str]:
-    """Every expression of our grammar that picks out `target` and no other object."""
-    out = [f"the {target.name}", f"the {target.size} {target.name}"]
-    if scene.count(shape=target.shape) == 1:
-        out.append(f"the {target.shape}")
-    if scene.count(color=target.color) == 1:
-        out += [f"the {target.color} shape", f"the {target.color} object"]
-    same_size_shape = [o for o in scene.objects if (o.size, o.shape) == (target.size, target.shape)]
-    if len(same_size_shape) == 1:
-        out.append(f"the {target.size} {target.shape}")
-    others = [o for o in scene.objects if o is not target]
-    if others and all(is_above(target, o) for o in others):
-        out.append("the shape at the top")
-    if others and all(is_above(o, target) for o in others):
-        out.append("the shape at the bottom")
-    for ref in others:
-        rivals = [o for o in others if o.shape == target.shape and o is not ref]
-        if is_above(target, ref) and all(o.cy >= ref.cy for o in rivals):
-            out.append(f"the {target.shape} above the {ref.name}")
-        if is_above(ref, target) and all(o.cy <= ref.cy for o in rivals):
-            out.append(f"the {target.shape} below the {ref.name}")
-    return out
-
-
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
-
-
-def _proposals(scene: Scene, image_size: int, rng: random.Random) -> list[list[float]]:
-    """Jittered ground-truth boxes (IoU >= 0.6 with the truth) plus 2-3 random distractors."""
-    dets = []
-    for obj in scene.objects:
-        box = list(map(float, obj.bbox))
-        for _ in range(10):
-            cand = [round(v + rng.gauss(0.0, 0.06 * max(obj.bbox[2:])), 1) for v in obj.bbox]
-            if cand[2] > 1 and cand[3] > 1 and _box_iou(cand, obj.bbox) >= 0.6:
-                box = cand
-                break
-        dets.append(box)
-    for _ in range(rng.randint(2, 3)):
-        w, h = rng.uniform(6, image_size / 2), rng.uniform(6, image_size / 2)
-        x, y = rng.uniform(0, image_size - w), rng.uniform(0, image_size - h)
-        dets.append([round(v, 1) for v in (x, y, w, h)])
-    rng.shuffle(dets)
-    return dets
-
-
-def build_grounding(
-    train: Sequence[Scene],
-    val: Sequence[Scene],
-    test: Sequence[Scene],
-    image_size: int,
-    rng: random.Random,
-) -> dict[str, object]:
-    """RefCOCO+-style files. Test images with <= 2 objects are `testA`, the rest `testB`."""
-    train_items = [
-        {"image": s.image, "text": rng.choice(referring_expressions(s, o))}
-        for s in train
-        for o in s.objects
-    ]
-    test_items, refs, dets = [], {}, {}
-    ref_id = 0
-    for scene in [*val, *test]:
-        split = "val" if scene.split == "val" else ("testA" if len(scene.objects) <= 2 else "testB")
-        dets[str(scene.image_id)] = _proposals(scene, image_size, rng)
-        for obj in scene.objects:
-            text = rng.choice(referring_expressions(scene, obj))
-            test_items.append({"image": scene.image, "text": text, "ref_id": ref_id})
-            refs[str(ref_id)] = {
-                "split": split,
-                "image_id": scene.image_id,
-                "bbox": list(obj.bbox),
-                "height": image_size,
-                "width": image_size,
-                "image": scene.image,
-            }
-            ref_id += 1
-    return {
-        "grounding_train.json": train_items,
-        "grounding_test.json": test_items,
-        "dets.json": dets,
-        "refs.json": refs,
-    }

@@ -14,6 +14,11 @@ annotation files of every downstream task in the official ALBEF formats (REFEREN
     scenes.json              per-image object records (shape, colour, size, bbox) and captions
     manifest.json            parameters, counts, version (written last)
 
+Modules: `dataset.toy_scene` (vocabulary, objects, scenes), `dataset.toy_render` (placement and
+drawing), `dataset.toy_captions` (captions, pre-training and retrieval files), `dataset.toy_tasks`
+(VQA, NLVR2, SNLI-VE files), `dataset.toy_grounding` (grounding files); this module samples the
+splits, writes the files and installs the world atomically.
+
 Usage: ``python -m dataset.toy_world --root data/toy`` or ``ensure_toy_world("data/toy")``.
 """
 
@@ -22,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import shutil
 import tempfile
@@ -30,192 +34,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
-from dataset.toy_tasks import (
-    ALL_PAIRS,
-    COLORS,
-    NUMBERS,
-    SHAPES,
-    SIZE_WORDS,
-    SIZES,
-    Scene,
-    ToyObject,
-    absent_pair,
-    article,
-    build_grounding,
-    build_nlvr,
-    build_ve,
-    build_vqa,
-    is_above,
-)
+from dataset.toy_captions import build_captions
+from dataset.toy_grounding import build_grounding
+from dataset.toy_render import render_scene, sample_scene
+from dataset.toy_scene import Scene
+from dataset.toy_tasks import build_nlvr, build_ve, build_vqa
 
 logger = logging.getLogger(__name__)
 
 VERSION = 1
-MAX_CAPTION_WORDS = 20
-NOISE_RATE = 0.1
-SUPERSAMPLE = 4
-_RADIUS = {"small": (0.085, 0.105), "large": (0.15, 0.18)}  # fraction of the image side
-
-
-# ----------------------------------------------------------------------------- geometry
-def _ring(n: int, radii: Sequence[float]) -> tuple[tuple[float, float], ...]:
-    """`n` points around the centre starting at the top, cycling through `radii`."""
-    angles = (-math.pi / 2 + 2 * math.pi * k / n for k in range(n))
-    return tuple(
-        (radii[k % len(radii)] * math.cos(t), radii[k % len(radii)] * math.sin(t))
-        for k, t in enumerate(angles)
-    )
-
-
-def _quarter_turns(points: Sequence[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
-    """`points` followed by their three rotations by 90 degrees (a 4-fold symmetric outline)."""
-    out: list[tuple[float, float]] = []
-    for _ in range(4):
-        out += points
-        points = [(-y, x) for x, y in points]
-    return tuple(out)
-
-
-# ----------------------------------------------------------------------------- scenes
-_ARM, _HALF = 0.9, 0.3  # cross: arm length and half width
-# Unit outlines (outer radius ~1, centred, image y axis pointing down).
-_OUTLINES: dict[str, tuple[tuple[float, float], ...]] = {
-    "circle": _ring(48, (1.0,)),
-    "square": ((-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)),
-    "diamond": ((0.0, -1.0), (0.75, 0.0), (0.0, 1.0), (-0.75, 0.0)),
-    "triangle": ((0.0, -0.9), (0.95, 0.75), (-0.95, 0.75)),
-    "star": _ring(10, (1.0, 0.42)),
-    "cross": _quarter_turns(((-_HALF, -_ARM), (_HALF, -_ARM), (_HALF, -_HALF))),
-}
-
-
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    """Outline of `shape` centred at (cx, cy) with outer radius r."""
-    return [(cx + r * x, cy + r * y) for x, y in _OUTLINES[shape]]
-
-
-def _make_object(shape: str, color: str, size: str, cx: float, cy: float, r: float) -> ToyObject:
-    xs, ys = zip(*_polygon(shape, cx, cy, r), strict=True)
-    x0, y0 = math.floor(min(xs)), math.floor(min(ys))
-    box = (x0, y0, math.ceil(max(xs)) - x0, math.ceil(max(ys)) - y0)
-    return ToyObject(shape, color, size, round(cx, 2), round(cy, 2), round(r, 2), box)
-
-
-def sample_scene(
-    rng: random.Random, image_id: int, split: str, index: int, image_size: int
-) -> Scene:
-    """1-4 objects with distinct (colour, shape) pairs, placed with little overlap."""
-    n = rng.choices((1, 2, 3, 4), weights=(0.15, 0.35, 0.3, 0.2))[0]
-    pairs = rng.sample(ALL_PAIRS, n)
-    objects: list[ToyObject] = []
-    for color, shape in pairs:
-        size = rng.choice(SIZES)
-        r = image_size * rng.uniform(*_RADIUS[size])
-        for _ in range(100):  # rejection sampling; the last draw is kept if all fail
-            cx, cy = rng.uniform(r + 1, image_size - r - 1), rng.uniform(r + 1, image_size - r - 1)
-            if all(math.hypot(cx - o.cx, cy - o.cy) >= 0.9 * (r + o.radius) for o in objects):
-                break
-        objects.append(_make_object(shape, color, size, cx, cy, r))
-    return Scene(image_id, split, index, tuple(objects))
-
-
-def render_scene(scene: Scene, image_size: int, seed: int) -> Image.Image:
-    """Draw at SUPERSAMPLE x resolution, downsample (anti-aliasing), add mild pixel noise."""
-    rng = np.random.default_rng([seed, scene.image_id])
-    big = image_size * SUPERSAMPLE
-    background = tuple(int(v) for v in rng.integers(222, 250, size=3))
-    canvas = Image.new("RGB", (big, big), background)
-    draw = ImageDraw.Draw(canvas)
-    for obj in scene.objects:
-        pts = _polygon(
-            obj.shape, obj.cx * SUPERSAMPLE, obj.cy * SUPERSAMPLE, obj.radius * SUPERSAMPLE
-        )
-        draw.polygon(pts, fill=COLORS[obj.color])
-    small = np.asarray(
-        canvas.resize((image_size, image_size), Image.Resampling.BOX), dtype=np.int16
-    )
-    noisy = small + rng.integers(-4, 5, size=small.shape, dtype=np.int16)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-
-
-# ----------------------------------------------------------------------------- captions
-_PREFIXES_ONE = ("", "a picture of ", "an image with ", "there is ", "one shape: ")
-_PREFIXES_MANY = (
-    "",
-    "{n} shapes: ",
-    "{n} objects: ",
-    "an image of {n} shapes: ",
-    "a picture with ",
-    "there are {n} shapes: ",
-)
-
-
-def _phrase(obj: ToyObject, rng: random.Random, with_size: bool) -> str:
-    words = [rng.choice(SIZE_WORDS[obj.size])] if with_size else []
-    words += [obj.color, obj.shape]
-    return f"{article(words[0])} {' '.join(words)}"
-
-
-def _body(objects: Sequence[ToyObject], rng: random.Random, with_size: bool) -> str:
-    """Objects in random or top-to-bottom order; the first two may be joined by above/below."""
-    order = list(objects)
-    if rng.random() < 0.5:
-        rng.shuffle(order)
-    else:
-        order.sort(key=lambda o: o.cy)
-    phrases = [_phrase(o, rng, with_size) for o in order]
-    if len(order) >= 2 and rng.random() < 0.6:
-        a, b = order[0], order[1]
-        word = "above" if is_above(a, b) else "below" if is_above(b, a) else None
-        if word:
-            phrases[:2] = [f"{phrases[0]} {word} {phrases[1]}"]
-    if len(phrases) == 1:
-        return phrases[0]
-    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
-
-
-def make_caption(objects: Sequence[ToyObject], rng: random.Random) -> str:
-    """One caption naming every object (colour and shape, usually size), <= 20 words."""
-    with_size = rng.random() < 0.8
-    prefix = rng.choice(_PREFIXES_ONE if len(objects) == 1 else _PREFIXES_MANY)
-    caption = prefix.format(n=NUMBERS[len(objects)]) + _body(objects, rng, with_size)
-    if len(caption.replace(":", " ").replace(",", " ").split()) > MAX_CAPTION_WORDS:
-        caption = _body(objects, rng, with_size=False)
-    return caption
-
-
-def make_captions(scene: Scene, rng: random.Random, k: int) -> list[str]:
-    """`k` distinct clean captions (different templates, orderings and synonyms)."""
-    captions: list[str] = []
-    for _ in range(200 * k):
-        caption = make_caption(scene.objects, rng)
-        if caption not in captions:
-            captions.append(caption)
-        if len(captions) == k:
-            return captions
-    raise RuntimeError(f"could not make {k} distinct captions for {scene.key}")
-
-
-def corrupt_caption(scene: Scene, rng: random.Random) -> str:
-    """Pre-training noise: a caption with a wrong colour, a wrong shape or an extra object."""
-    objects = list(scene.objects)
-    i = rng.randrange(len(objects))
-    obj = objects[i]
-    kind = rng.randrange(3)
-    taken = scene.pairs()
-    if kind == 0:
-        color = rng.choice([c for c in COLORS if (c, obj.shape) not in taken])
-        objects[i] = _make_object(obj.shape, color, obj.size, obj.cx, obj.cy, obj.radius)
-    elif kind == 1:
-        shape = rng.choice([s for s in SHAPES if (obj.color, s) not in taken])
-        objects[i] = _make_object(shape, obj.color, obj.size, obj.cx, obj.cy, obj.radius)
-    else:
-        color, shape = absent_pair(scene, rng)
-        objects.append(_make_object(shape, color, rng.choice(SIZES), obj.cx, obj.cy, obj.radius))
-    return make_caption(objects, rng)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -252,57 +79,11 @@ def _write_images(tmp: Path, scenes: dict[str, list[Scene]], image_size: int, se
             image.save(tmp / "ve_images" / f"{scene.image_id}.jpg", format="JPEG", quality=95)
 
 
-def _scene_record(scene: Scene) -> dict[str, object]:
-    objects = [
-        {"shape": o.shape, "color": o.color, "size": o.size, "bbox": list(o.bbox)}
-        for o in scene.objects
-    ]
-    return {
-        "image_id": scene.image_id,
-        "split": scene.split,
-        "image": scene.image,
-        "objects": objects,
-    }
-
-
-def _caption_files(scenes: dict[str, list[Scene]], root: Path, seed: int) -> dict[str, object]:
-    """Pre-training and retrieval annotations plus the per-image scene records."""
-    rng = random.Random(f"{seed}-captions")
-    pretrain, retrieval_train, records = [], [], []
-    evals: dict[str, list[dict[str, object]]] = {"val": [], "test": []}
-    for split, split_scenes in scenes.items():
-        for scene in split_scenes:
-            record = _scene_record(scene)
-            if split == "train":
-                clean = make_captions(scene, rng, rng.randint(2, 3))
-                noisy = [rng.random() < NOISE_RATE for _ in clean]
-                captions = [
-                    corrupt_caption(scene, rng) if bad else c
-                    for c, bad in zip(clean, noisy, strict=True)
-                ]
-                pretrain.append({"image": str(root / scene.image), "caption": captions})
-                retrieval_train += [
-                    {"image": scene.image, "caption": c, "image_id": scene.key} for c in clean
-                ]
-                record.update(captions=clean, pretrain_captions=captions, noisy=noisy)
-            else:
-                record["captions"] = make_captions(scene, rng, 5)
-                evals[split].append({"image": scene.image, "caption": record["captions"]})
-            records.append(record)
-    return {
-        "pretrain.json": pretrain,
-        "retrieval_train.json": retrieval_train,
-        "retrieval_val.json": evals["val"],
-        "retrieval_test.json": evals["test"],
-        "scenes.json": records,
-    }
-
-
 def _annotation_files(
     scenes: dict[str, list[Scene]], root: Path, params: dict[str, int]
 ) -> dict[str, object]:
     seed = params["seed"]
-    files = _caption_files(scenes, root, seed)
+    files = build_captions(scenes, root, seed)
     train, val, test = scenes["train"], scenes["val"], scenes["test"]
     files.update(build_vqa(train, [*val, *test], random.Random(f"{seed}-vqa")))
     for split, split_scenes in scenes.items():

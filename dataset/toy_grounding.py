@@ -1,0 +1,101 @@
+"""Grounding annotations of the toy world (RefCOCO+-style): referring expressions, boxes, detections.
+
+Expressions come from a small grammar and name exactly one object of their scene; the detections of an
+evaluation image are its jittered ground-truth boxes plus random distractors. All randomness comes from
+the `random.Random` passed in, so the output is a pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from dataset.toy_scene import Scene, ToyObject, is_above
+
+
+def referring_expressions(scene: Scene, target: ToyObject) -> list[str]:
+    """Every expression of our grammar that picks out `target` and no other object."""
+    out = [f"the {target.name}", f"the {target.size} {target.name}"]
+    if scene.count(shape=target.shape) == 1:
+        out.append(f"the {target.shape}")
+    if scene.count(color=target.color) == 1:
+        out += [f"the {target.color} shape", f"the {target.color} object"]
+    same_size_shape = [o for o in scene.objects if (o.size, o.shape) == (target.size, target.shape)]
+    if len(same_size_shape) == 1:
+        out.append(f"the {target.size} {target.shape}")
+    others = [o for o in scene.objects if o is not target]
+    if others and all(is_above(target, o) for o in others):
+        out.append("the shape at the top")
+    if others and all(is_above(o, target) for o in others):
+        out.append("the shape at the bottom")
+    for ref in others:
+        rivals = [o for o in others if o.shape == target.shape and o is not ref]
+        if is_above(target, ref) and all(o.cy >= ref.cy for o in rivals):
+            out.append(f"the {target.shape} above the {ref.name}")
+        if is_above(ref, target) and all(o.cy <= ref.cy for o in rivals):
+            out.append(f"the {target.shape} below the {ref.name}")
+    return out
+
+
+def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def _proposals(scene: Scene, image_size: int, rng: random.Random) -> list[list[float]]:
+    """Jittered ground-truth boxes (IoU >= 0.6 with the truth) plus 2-3 random distractors."""
+    dets = []
+    for obj in scene.objects:
+        box = list(map(float, obj.bbox))
+        for _ in range(10):
+            cand = [round(v + rng.gauss(0.0, 0.06 * max(obj.bbox[2:])), 1) for v in obj.bbox]
+            if cand[2] > 1 and cand[3] > 1 and _box_iou(cand, obj.bbox) >= 0.6:
+                box = cand
+                break
+        dets.append(box)
+    for _ in range(rng.randint(2, 3)):
+        w, h = rng.uniform(6, image_size / 2), rng.uniform(6, image_size / 2)
+        x, y = rng.uniform(0, image_size - w), rng.uniform(0, image_size - h)
+        dets.append([round(v, 1) for v in (x, y, w, h)])
+    rng.shuffle(dets)
+    return dets
+
+
+def build_grounding(
+    train: Sequence[Scene],
+    val: Sequence[Scene],
+    test: Sequence[Scene],
+    image_size: int,
+    rng: random.Random,
+) -> dict[str, object]:
+    """RefCOCO+-style files. Test images with <= 2 objects are `testA`, the rest `testB`."""
+    train_items = [
+        {"image": s.image, "text": rng.choice(referring_expressions(s, o))}
+        for s in train
+        for o in s.objects
+    ]
+    test_items, refs, dets = [], {}, {}
+    ref_id = 0
+    for scene in [*val, *test]:
+        split = "val" if scene.split == "val" else ("testA" if len(scene.objects) <= 2 else "testB")
+        dets[str(scene.image_id)] = _proposals(scene, image_size, rng)
+        for obj in scene.objects:
+            text = rng.choice(referring_expressions(scene, obj))
+            test_items.append({"image": scene.image, "text": text, "ref_id": ref_id})
+            refs[str(ref_id)] = {
+                "split": split,
+                "image_id": scene.image_id,
+                "bbox": list(obj.bbox),
+                "height": image_size,
+                "width": image_size,
+                "image": scene.image,
+            }
+            ref_id += 1
+    return {
+        "grounding_train.json": train_items,
+        "grounding_test.json": test_items,
+        "dets.json": dets,
+        "refs.json": refs,
+    }
