@@ -8,8 +8,10 @@ import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from conftest import tiny_albef, tiny_bert
@@ -36,6 +38,7 @@ from dataset.transforms import build_transform
 from models.albef import ALBEFConfig
 from models.gradcam import default_block, gradcam
 from models.model_retrieval import ALBEFRetrieval
+from scripts import visualize
 
 
 def batch(config: ALBEFConfig, b: int = 2, t: int = 6) -> tuple[Tensor, Tensor, Tensor]:
@@ -283,3 +286,49 @@ def test_datasets(world: Path, tmp_path: Path) -> None:
     test = GroundingEvalDataset([str(world / "grounding_test.json")], build_transform("test", 32), str(world))
     image, text, ref_id = test[3]
     assert ref_id == json.loads((world / "grounding_test.json").read_text())[3]["ref_id"] == test.ref_ids[3]
+
+
+# ----------------------------------------------------------------------------- pictures
+def test_overlay_colours_the_hot_cell_red_and_the_cold_corner_blue() -> None:
+    picture = Image.new("RGB", (40, 40), (128, 128, 128))
+    heat = np.zeros((4, 4), dtype=np.float32)
+    heat[0, 0] = 1.0
+    out = np.asarray(visualize.overlay(picture, heat))
+    assert out.shape == (40, 40, 3)
+    assert tuple(out[0, 0]) == (128, 0, 0)  # the peak: jet(1), opaque
+    r, g, b = out[2, 2].astype(int)
+    assert r > g + 150 and r > b + 150  # red around it
+    r, g, b = out[39, 39].astype(int)
+    assert b > r + 20 and r > 100  # the cold corner: the grey picture under a light blue
+    np.testing.assert_allclose(visualize.jet(np.array([0.0, 0.5, 1.0])),
+                               [[0, 0, 0.5], [0.5, 1, 0.5], [0.5, 0, 0]])
+
+
+def test_visualize_writes_valid_pngs(world: Path, tmp_path: Path) -> None:
+    bert = tiny_bert()
+    (tmp_path / "bert.json").write_text(json.dumps({k: getattr(bert, k) for k in bert.__dataclass_fields__}))
+    (tmp_path / "model.yaml").write_text(
+        f"bert_config: {tmp_path / 'bert.json'}\nimage_res: 32\nvision_width: 32\n"
+        "vit: {patch_size: 8, depth: 2, heads: 2}\nembed_dim: 16\nqueue_size: 12\n")
+    model = ALBEFRetrieval(tiny_albef())
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pth")
+    image = json.loads((world / "grounding_test.json").read_text())[0]["image"]
+    out = tmp_path / "pictures"
+    paths = visualize.main(["--config", str(tmp_path / "model.yaml"), "--checkpoint", str(tmp_path / "ckpt.pth"),
+                            "--image", str(world / image), "--text", "The red circle!", "--output_dir", str(out),
+                            "--display_size", "96"])
+    names = [Path(p).name for p in paths]
+    assert names == ["sentence.png", "word_01_the.png", "word_02_red.png", "word_03_circle.png", "grid.png"]
+    for path in paths:
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.mode == "RGB"
+            assert im.size == (96, 96) or path.endswith("grid.png")
+    with Image.open(out / "grid.png") as grid:  # 5 tiles (image, sentence, 3 words) in rows of 4, titled
+        assert grid.size == (4 + 4 * 100, 4 + 2 * (96 + visualize.TITLE_HEIGHT + 4))
+    itc = visualize.main(["--config", str(tmp_path / "model.yaml"), "--checkpoint", str(tmp_path / "ckpt.pth"),
+                          "--image", str(world / image), "--text", "a circle", "--output_dir", str(tmp_path / "itc"),
+                          "--gradcam_mode", "itc"])
+    assert [Path(p).name for p in itc] == ["sentence.png", "grid.png"]
