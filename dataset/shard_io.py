@@ -9,6 +9,7 @@ caption lists. Sample counts come from ``manifest.json`` beside the shards (``ma
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -220,31 +221,45 @@ def _image_and_caption(raw: Mapping[str, Any], name: str) -> tuple[Image.Image, 
     return decode_image_bytes(raw[ext], f"{name}.{ext}"), _tar_caption(raw)
 
 
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed ``random``, numpy and torch with ``seed``; their previous states come back on exit (so that a
+    loader running in the training process, ``num_workers=0``, leaves the training's random streams alone)."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 def make_example(raw: Mapping[str, Any] | None, transform: Callable | None, max_words: int,
                  rng_seed: int) -> tuple[Any, str, str] | None:
     """``(transform(image) (3, H, W), cleaned caption, key)`` or None (logged) for an unusable sample.
 
-    ``random``, numpy and torch are seeded with ``rng_seed`` first: the caption choice and the augmentation
-    depend only on the sample's place in the epoch.
+    The caption choice and the augmentation run under :func:`seeded_rngs` ``(rng_seed)``: they depend only on
+    the sample's place in the epoch.
     """
     if raw is None:
         return None
     name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
-    random.seed(rng_seed)
-    np.random.seed(rng_seed & 0xFFFFFFFF)
-    torch.manual_seed(rng_seed)
     try:
         image, caption = _image_and_caption(raw, name)
     except ImageLoadError as err:
         logger.warning("skipping sample: %s", err)
         return None
-    if isinstance(caption, list):
-        caption = random.choice(caption)
-    text = pre_caption(caption, max_words) if isinstance(caption, str) else ""
-    if not text.strip():
-        logger.warning("skipping sample %s: %s", name, "no caption" if caption is None else "empty caption")
-        return None
-    return (transform(image) if transform is not None else image), text, str(raw["__key__"])
+    with seeded_rngs(rng_seed):
+        if isinstance(caption, list):
+            caption = random.choice(caption)
+        text = pre_caption(caption, max_words) if isinstance(caption, str) else ""
+        if not text.strip():
+            logger.warning("skipping sample %s: %s", name, "no caption" if caption is None else "empty caption")
+            return None
+        return (transform(image) if transform is not None else image), text, str(raw["__key__"])
 
 
 def mix_seed(*values: int) -> int:

@@ -220,8 +220,10 @@ class ShardLoader:
         if self._start:
             logger.info("resuming epoch %d at batch %d of %d", self.dataset.epoch, self._start,
                         self.dataset.steps)
+        generator = torch.Generator()  # for the workers' base seed, instead of drawing from the global stream
+        generator.manual_seed(self.dataset.seed + self.dataset.rank)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                            pin_memory=self.pin_memory)
+                            pin_memory=self.pin_memory, generator=generator)
         try:
             yield from loader
         finally:

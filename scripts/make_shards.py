@@ -135,9 +135,10 @@ def write_manifest(out_dir: str, manifest: dict) -> None:
     manifest["num_samples"] = sum(s["num_samples"] for s in manifest["shards"])
     unreadable = [u for s in manifest["shards"] for u in s["unreadable"]]
     manifest["num_unreadable"] = len(unreadable)
-    for name, text in (("manifest.json", json.dumps(manifest, indent=1)), ("unreadable.txt", "\n".join(unreadable))):
+    for name, text in (("manifest.json", json.dumps(manifest, indent=1) + "\n"),
+                       ("unreadable.txt", "".join(f"{u}\n" for u in unreadable))):
         tmp = os.path.join(out_dir, f"{name}.tmp")
-        Path(tmp).write_text(text + "\n", encoding="utf-8")
+        Path(tmp).write_text(text, encoding="utf-8")
         os.replace(tmp, os.path.join(out_dir, name))
 
 

@@ -190,8 +190,12 @@ def test_corrupt_members_are_skipped_and_counted(tmp_path, caplog: pytest.LogCap
             writer.write(sample)
     assert shard_sample_count(str(tmp_path / "bad.tar")) == 6  # no manifest: counted from the headers
     cfg = config([str(tmp_path / "bad.tar")], batch_size=6, num_workers=0)
+    torch.manual_seed(7)
     with caplog.at_level(logging.WARNING):
         (batch,) = epoch_batches(build_pretrain_loader(cfg, TRANSFORM, seed=0, return_keys=True), 0)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(3))  # loading in this process left its random stream alone
     images, captions, keys, dropped = batch
     assert images.shape == (2, 3, 32, 32) and dropped == 4
     assert sorted(keys) == ["good0", "good1"]
@@ -294,3 +298,51 @@ def test_two_processes_under_torchrun(shards: str, tmp_path) -> None:
         steps = [len(r[epoch]) for r in ranks]
         keys = [k for r in ranks for batch in r[epoch] for k in batch]
         assert steps == [4, 4] and len(keys) == N and set(keys) == all_keys()
+
+
+def test_make_shards_lists_unreadable_images(world: str, tmp_path) -> None:
+    items = json.load(open(os.path.join(world, "pretrain.json")))[:3]
+    items[1] = {"image": str(tmp_path / "gone.png"), "caption": "a missing image"}
+    ann = str(tmp_path / "three.json")
+    json.dump(items, open(ann, "w"))
+    out = str(tmp_path / "three")
+    assert make_shards.main(["--ann", ann, "--out-dir", out, "--no-shuffle", "--workers", "0"]) == 1
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["num_samples"] == 2 and manifest["num_unreadable"] == 1
+    assert [k for k, _ in _members(os.path.join(out, "00000.tar"))][::3] == ["000_000000000", "000_000000002"]
+    listed = open(os.path.join(out, "unreadable.txt")).read().splitlines()
+    assert len(listed) == 1 and "item 1" in listed[0] and "gone.png" in listed[0]
+
+
+def test_bench_shards_runs_both_sources(tmp_path) -> None:
+    from scripts import bench_shards
+
+    rows = bench_shards.bench_loader_throughput(str(tmp_path / "speed"), images=8, size=(48, 40), data_res=32,
+                                                batch_size=4, num_workers=0)
+    assert [r["source"] for r in rows] == ["JSON + image files", "WebDataset shards"]
+    assert all(r["images"] == 8 and r["images_per_s"] > 0 for r in rows)
+    os.makedirs(tmp_path / "memory")
+    ann, spec = bench_shards.write_memory_inputs(str(tmp_path / "memory"), n_items=25_000)
+    assert len(json.load(open(ann))) == 25_000
+    loader = build_pretrain_loader({"train_file": [spec], "batch_size": 100, "num_workers": 2}, None, seed=0)
+    assert len(loader.dataset.units) == 3 and len(loader) == 250
+
+
+def pretrain_from_shards_under_torchrun(world: str, shard_spec: str, out: str, nproc: int = 2,
+                                        epochs: int = 2) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Pre-train the tiny toy model from shards under ``torchrun --nproc_per_node=nproc`` (gloo, CPU, 2 loader
+    workers each); returns the process and the records of ``log.txt``. For the end-to-end test to add once
+    Pretrain.py builds its loader with ``build_pretrain_loader`` (and accepts ``SHARD_DEFAULTS``'s keys):
+    assert returncode 0 and that the losses fall as with ``train_file=[pretrain.json]``; the per-id check of
+    the split under torchrun is ``test_two_processes_under_torchrun``."""
+    tiny = ["bert_config=configs/toy/config_bert.json", "image_res=32", "vision_width=128",
+            "vit={patch_size: 8, depth: 2, heads: 4}", "embed_dim=32", "batch_size=4", "queue_size=40",
+            "num_workers=2", "max_tokens=24", "log_every=1", "itc_warmup_steps=3", "shuffle_buffer=8"]
+    args = ["--config", os.path.join(ROOT, "configs/toy/Pretrain.yaml"), "--output_dir", out, "--device", "cpu",
+            "--override", f"toy_world={world}", f"train_file=[{shard_spec}]", *tiny, f"schedular.epochs={epochs}"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", "Pretrain.py", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = os.path.join(out, "log.txt")
+    records = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
+    return result, records
