@@ -91,11 +91,12 @@ class BertEmbeddings(nn.Module):
         # Persistent, as in the released checkpoints (they hold `embeddings.position_ids`).
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None], persistent=True)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, T, H); token type 0 everywhere."""
+    def forward(self, input_ids: Tensor, start: int = 0) -> Tensor:
+        """(B, T) token ids -> (B, T, H); token type 0 everywhere; positions ``start .. start+T-1``
+        (``start > 0``: tokens that continue a prefix decoded earlier, as the VQA answer decoder's)."""
         seq_len = input_ids.size(1)
         x = self.word_embeddings(input_ids)
-        x = x + self.position_embeddings(self.position_ids[:, :seq_len])
+        x = x + self.position_embeddings(self.position_ids[:, start:start + seq_len])
         x = x + self.token_type_embeddings.weight[0]
         return self.dropout(self.LayerNorm(x))
 

@@ -24,6 +24,39 @@ logger = logging.getLogger(__name__)
 _EXPECTED = re.compile(r"(^|\.)(image_queue|text_queue|idx_queue|queue_ptr|position_ids)$|^text_encoder(_m)?\.cls\.")
 
 
+_DECODER_PAIRS = (("text_encoder", "text_decoder"), ("text_encoder_m", "text_decoder_m"))
+_ENCODER_KEY = re.compile(r"^(text_encoder(?:_m)?)\.(?:bert\.)?(embeddings\..+|encoder\.layer\.(\d+)\..+|cls\..+)$")
+
+
+def _decoder_from_encoder(state: dict[str, Tensor], model: nn.Module, target: dict) -> dict[str, Tensor]:
+    """Initialise an answer decoder (VQA) that the checkpoint lacks from its text encoder (official ``VQA.py``).
+
+    ``text_decoder(_m)`` takes the encoder's embeddings, its fusion layers ``fusion_layer + i`` as layers ``i``
+    and its MLM head ``cls``; the encoder keeps every layer. Applies only when the model has a
+    ``text_decoder`` and the checkpoint has none (a ``vqa.pth`` loads as it is).
+    """
+    if not any(k.startswith("text_decoder.") for k in target) or any(
+            k.removeprefix("module.").startswith("text_decoder") for k in state):
+        return state
+    out = dict(state)
+    for key, value in state.items():
+        m = _ENCODER_KEY.match(key.removeprefix("module."))
+        pair = dict(_DECODER_PAIRS).get(m[1]) if m else None
+        if pair is None or not any(k.startswith(pair + ".") for k in target):
+            continue
+        rest = m[2] if m[2].startswith("cls.") else "bert." + m[2]
+        if m[3] is not None:
+            layer = int(m[3]) - model.get_submodule(m[1]).config.fusion_layer
+            if layer < 0:
+                continue
+            rest = f"bert.encoder.layer.{layer}." + m[2].split(".", 3)[3]
+        out[f"{pair}.{rest}"] = value
+    decoder = model.get_submodule("text_decoder").config
+    logger.info("text_decoder initialised from the text encoder: embeddings, fusion layers as decoder layers "
+                "0..%d, MLM head (official VQA.py)", decoder.num_hidden_layers - 1)
+    return out
+
+
 @dataclass
 class LoadReport:
     missing: list[str] = field(default_factory=list)
@@ -57,6 +90,7 @@ def read_state_dict(path: str) -> tuple[dict[str, Tensor], dict]:
 def adapt_state_dict(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Rename and resize checkpoint entries so they fit ``model`` (see the module docstring)."""
     target = model.state_dict()
+    state = _decoder_from_encoder(state, model, target)
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         key = key.removeprefix("module.")

@@ -1,0 +1,146 @@
+"""Answer ranking over a fixed answer list, as the official ALBEF ``rank_answer`` (``models/model_vqa.py``).
+
+For each question:
+
+1. decode ``[CLS]`` (the BOS, the first token of every tokenised answer) and read, from the softmax of its
+   vocabulary logits, the probability ``p1(a)`` of every answer's first token;
+2. keep the ``k`` answers with the highest ``p1`` (answers that share a first token have equal ``p1``);
+3. score each candidate ``log p1(a) + sum_t log p(a_t | a_<t)`` over ALL its tokens including the first one
+   and the final ``[SEP]``: the first token counts twice and there is no length normalisation (the official
+   quirks, kept because they decide rankings);
+4. softmax the k scores; the answer is the best.
+
+Deterministic tie-break (``torch.topk`` does not define one): both selections are stable sorts, so among
+candidates with equal first-token probability the one earlier in the answer list is kept (step 2) and ranks
+first among equal final probabilities (step 4).
+
+:func:`rank_answers` batches every question and candidate with no per-question Python loop and computes
+each question's cross-attention keys and values once for its k candidates; the BOS position, identical for
+all candidates of a question, is decoded once (its keys and values are reused as a prefix), and the LM head
+runs only at positions that predict a token. :func:`rank_answers_reference` is the straightforward
+re-implementation of the official function (question states repeated k times, full decoder passes) that
+the tests and the benchmark compare against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.decoder import AnswerDecoder
+from models.tokenizer import TextBatch, TextTokenizer
+
+LM_HEAD_ROWS = 4096  # rows per vocabulary-projection chunk: bounds the (rows, V) logits in memory
+
+
+def tokenize_answers(tokenizer: TextTokenizer, answers: Sequence[str], eos: str = "[SEP]",
+                     max_length: int = 512) -> TextBatch:
+    """``[CLS] answer eos [PAD]..`` (N, T), padded to the longest, as the official ``answer + eos`` (no
+    truncation below ``max_length``, the decoder's position limit)."""
+    return tokenizer([a + eos for a in answers], max_length=max_length)
+
+
+def select_candidates(first_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k answers of highest first-token probability per question, ties to the lower list index.
+
+    first_probs (Q, A) -> (probs (Q, k), answer indices (Q, k)), best first.
+    """
+    order = torch.sort(first_probs, dim=1, descending=True, stable=True).indices[:, :k]
+    return first_probs.gather(1, order), order
+
+
+def _rerank(candidates: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax over the k scores (Q, k), then sort candidates by it (stable: ties keep step-2 order)."""
+    probs = scores.softmax(dim=1)
+    order = torch.sort(probs, dim=1, descending=True, stable=True).indices
+    return candidates.gather(1, order), probs.gather(1, order)
+
+
+@torch.no_grad()
+def rank_answers(
+    decoder: AnswerDecoder, question_states: Tensor, question_atts: Tensor, answer_ids: Tensor,
+    answer_atts: Tensor, k: int, pad_token_id: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Rank the answer list for Q questions; returns answer indices (Q, k) and probabilities (Q, k), best first.
+
+    question_states (Q, S, H) fused question states, question_atts (Q, S) their mask; answer_ids,
+    answer_atts (A, T): the tokenised answer list (``[CLS] answer [SEP] [PAD]..``, see
+    :func:`tokenize_answers`); k: candidates per question, at most A.
+    """
+    num_answers = answer_ids.size(0)
+    if not 0 < k <= num_answers:
+        raise ValueError(f"k must be in 1..{num_answers} (the answer-list size), got {k}")
+    question_kv = decoder.question_keys_values(question_states)  # once per question, for all its candidates
+    logits, prefix = decoder.start(int(answer_ids[0, 0]), question_kv, question_atts)  # (Q, V)
+    first = answer_ids[:, 1]  # (A,) first answer token
+    top_probs, candidates = select_candidates(logits.softmax(dim=1).index_select(1, first), k)  # (Q, k)
+    first_logp = logits.log_softmax(dim=1).gather(1, first[candidates])  # (Q, k), the second count
+    rest = _continuation_log_likelihood(decoder, answer_ids, answer_atts, candidates, prefix, question_kv,
+                                        question_atts, pad_token_id)
+    return _rerank(candidates, top_probs.log() + first_logp + rest)
+
+
+def _continuation_log_likelihood(
+    decoder: AnswerDecoder, answer_ids: Tensor, answer_atts: Tensor, candidates: Tensor, prefix: list,
+    question_kv: list, question_atts: Tensor, pad_token_id: int,
+) -> Tensor:
+    """sum_{t >= 2} log p(a_t | a_<t) of each candidate (Q, k): every token after the first, [SEP] included."""
+    q, k = candidates.shape
+    ids = answer_ids.index_select(0, candidates.reshape(-1))  # (N, T), N = Q*k, question by question
+    atts = answer_atts.index_select(0, candidates.reshape(-1))
+    length = int(atts.sum(dim=1).max())  # padding beyond the longest candidate changes nothing: trim it
+    if length <= 2:  # every candidate is [CLS] + one token: nothing after the first token
+        return question_atts.new_zeros((q, k), dtype=question_kv[0][0].dtype)
+    ids, atts = ids[:, 1:length], atts[:, 1:length]  # (N, L) without the BOS
+    hidden = decoder.continue_after_start(ids, atts, prefix, question_kv, question_atts)  # (N, L, H)
+    targets = ids[:, 1:]  # position j predicts token j+1
+    valid = targets != pad_token_id  # (N, L-1), the official label mask
+    rows, row_targets = hidden[:, :-1][valid], targets[valid]  # (M, H), (M,)
+    logp = torch.cat([
+        decoder.cls(rows[i:i + LM_HEAD_ROWS]).log_softmax(dim=-1).gather(1, row_targets[i:i + LM_HEAD_ROWS, None])[:, 0]
+        for i in range(0, rows.size(0), LM_HEAD_ROWS)
+    ]) if rows.size(0) else rows.new_zeros(0)
+    per_token = torch.zeros(valid.shape, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)
+    return per_token.sum(dim=1).view(q, k)
+
+
+@torch.no_grad()
+def rank_answers_reference(
+    decoder: AnswerDecoder, question_states: Tensor, question_atts: Tensor, answer_ids: Tensor,
+    answer_atts: Tensor, k: int, pad_token_id: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The official ``rank_answer`` written plainly (same inputs and outputs as :func:`rank_answers`).
+
+    The question states are repeated k times and the decoder runs on the full padded candidates, so each
+    candidate projects its question's cross-attention keys and values again and the LM head runs at every
+    position. Candidate selection uses the same stable tie-break as :func:`rank_answers`.
+    """
+    q = question_states.size(0)
+    start_ids = answer_ids[:1, :1].expand(q, 1)  # (Q, 1) the BOS
+    start = decoder.bert(start_ids, torch.ones_like(start_ids), question_states, question_atts, is_causal=True)
+    logits = decoder.cls(start[:, 0])  # (Q, V)
+    top_probs, candidates = select_candidates(logits.softmax(dim=1).index_select(1, answer_ids[:, 1]), k)
+    ids = answer_ids.index_select(0, candidates.reshape(-1))  # (N, T)
+    atts = answer_atts.index_select(0, candidates.reshape(-1))
+    targets = ids.masked_fill(ids == pad_token_id, -100)
+    states = question_states.repeat_interleave(k, dim=0)  # (N, S, H)
+    hidden = decoder.bert(ids, atts, states, question_atts.repeat_interleave(k, dim=0), is_causal=True)
+    token_logits = decoder.cls(hidden)[:, :-1]  # (N, T-1, V)
+    loss = F.cross_entropy(token_logits.reshape(-1, token_logits.size(-1)), targets[:, 1:].reshape(-1),
+                           reduction="none").view(ids.size(0), -1).sum(dim=1)
+    return _rerank(candidates, top_probs.log() - loss.view(q, k))
+
+
+def top_answers(
+    answer_ids: Tensor, probs: Tensor, answer_list: Sequence[str], n: int = 5,
+) -> list[list[tuple[str, float]]]:
+    """The n best answers of each question with their probabilities, from a ranking (Q, k) (best first).
+
+    The probabilities are the softmax over the k candidates of the ranking, so they sum to at most 1.
+    """
+    n = min(n, answer_ids.size(1))
+    return [[(answer_list[i], p) for i, p in zip(row_ids, row_probs)]
+            for row_ids, row_probs in zip(answer_ids[:, :n].tolist(), probs[:, :n].tolist())]
