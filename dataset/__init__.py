@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.caption import pre_caption, pre_question
 from dataset.image_io import ImageLoadError, SafeImageLoader, load_image
+from dataset.nlvr_dataset import NLVRDataset
 from dataset.pretrain_dataset import PretrainDataset
 from dataset.randaugment import RandomAugment
 from dataset.retrieval_dataset import RetrievalEvalDataset, RetrievalTrainDataset
@@ -25,12 +26,14 @@ from dataset.sampler import ResumableSampler
 from dataset.shards import SHARD_DEFAULTS, ShardLoader, build_pretrain_loader, has_shards
 from dataset.transforms import CLIP_MEAN, CLIP_STD, build_transform
 from dataset.validate import DataError, load_annotations, validate_config_files
+from dataset.ve_dataset import VEDataset
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DataError",
     "ImageLoadError",
+    "NLVRDataset",
     "PretrainDataset",
     "RandomAugment",
     "ResumableSampler",
@@ -39,6 +42,7 @@ __all__ = [
     "RetrievalEvalDataset",
     "RetrievalTrainDataset",
     "SafeImageLoader",
+    "VEDataset",
     "build_pretrain_loader",
     "build_transform",
     "collate_skip_none",

@@ -5,6 +5,10 @@ moves ``text_encoder.bert.*`` <-> ``text_encoder.*`` to match the model; interpo
 embedding (online and momentum) to the model's resolution; initialises missing momentum (``*_m``)
 weights from the online ones; drops queues whose size differs. Missing and unexpected keys are
 reported as "expected" (queues, MLM head, ``position_ids``) or "suspicious".
+
+A text encoder whose fusion layers the model has doubled (NLVR2: 12 layers -> 18) receives each fusion layer
+of the checkpoint in both blocks of its pair. Entries matching a model's ``unused_checkpoint_keys`` pattern
+(e.g. the contrastive heads of a pre-training checkpoint loaded into a classifier) are dropped, counted.
 """
 
 from __future__ import annotations
@@ -62,16 +66,40 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     momentum_initialised: list[str] = field(default_factory=list)
+    momentum_kept: list[str] = field(default_factory=list)  # absent, left as initialised (init_momentum=False)
 
     @property
     def suspicious(self) -> list[str]:
         return [k for k in self.missing + self.unexpected if not _EXPECTED.search(k)]
 
 
+# First bytes of a pointer file standing for a checkpoint (``checkpoint_best.pth`` where hard links fail).
+LINK_MAGIC = b"ALBEF checkpoint link -> "
+
+
+def follow_checkpoint_link(path: str) -> str:
+    """``path``, or the checkpoint a pointer file at ``path`` names (relative to its folder).
+
+    Raises ``FileNotFoundError`` when the named checkpoint is gone.
+    """
+    if os.path.getsize(path) > 4096:
+        return path
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head.startswith(LINK_MAGIC):
+        return path
+    target = os.path.join(os.path.dirname(path), head[len(LINK_MAGIC):].decode().strip())
+    if not os.path.isfile(target):
+        raise FileNotFoundError(f"checkpoint {path} points to {target}, which does not exist")
+    return target
+
+
 def read_state_dict(path: str) -> tuple[dict[str, Tensor], dict]:
-    """Read a checkpoint file -> (model state dict, the whole checkpoint dict or {})."""
+    """Read a checkpoint file (or the one a pointer file names) -> (model state dict, the whole checkpoint
+    dict or {})."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = follow_checkpoint_link(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # official files also pickle their config / argparse values
@@ -105,7 +133,66 @@ def adapt_state_dict(state: dict[str, Tensor], model: nn.Module) -> dict[str, Te
         out[key] = value
     if "queue_ptr" in out and not all(k in out for k in ("image_queue", "text_queue")):
         del out["queue_ptr"]  # a pointer into a queue that was not loaded means nothing
+    unused = getattr(model, "unused_checkpoint_keys", None)
+    if unused is not None:
+        dropped = [k for k in out if unused.search(k) and k not in target]
+        if dropped:
+            logger.info("%d checkpoint entries the model does not use were dropped (%s ...)",
+                        len(dropped), ", ".join(dropped[:4]))
+        out = {k: v for k, v in out.items() if k not in dropped}
+    return _pair_fusion_layers(out, model, target)
+
+
+_LAYER_KEY = re.compile(r"^(text_encoder(?:_m)?\.(?:bert\.)?encoder\.layer\.)(\d+)\.(.+)$")
+
+
+def _layer_counts(keys: object) -> dict[str, int]:
+    """Encoder key prefix -> number of layers (highest index + 1) among ``keys``."""
+    counts: dict[str, int] = {}
+    for key in keys:
+        m = _LAYER_KEY.match(key)
+        if m:
+            counts[m[1]] = max(counts.get(m[1], 0), int(m[2]) + 1)
+    return counts
+
+
+def _pair_fusion_layers(state: dict[str, Tensor], model: nn.Module, target: dict) -> dict[str, Tensor]:
+    """Copy fusion layer ``l >= f`` of an n-layer checkpoint encoder into layers ``f + 2(l - f)`` and
+    ``f + 2(l - f) + 1`` of a model encoder with ``f + 2(n - f)`` layers (official ``Pretrain_nlvr.py``).
+
+    Text layers (``l < f``) keep their index. Applies only where the model's encoder has exactly that
+    many layers; both names of a shared key/value projection then receive the same tensor.
+    """
+    source_counts, target_counts = _layer_counts(state), _layer_counts(target)
+    mapped: dict[str, int] = {}
+    for prefix, n in source_counts.items():
+        config = getattr(_submodule(model, prefix.removesuffix(".encoder.layer.")), "config", None)
+        f = getattr(config, "fusion_layer", None)
+        if f is not None and n > f and target_counts.get(prefix) == f + 2 * (n - f):
+            mapped[prefix] = f
+    if not mapped:
+        return state
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        m = _LAYER_KEY.match(key)
+        if m is None or m[1] not in mapped or int(m[2]) < mapped[m[1]]:
+            out[key] = value
+            continue
+        f, layer = mapped[m[1]], int(m[2])
+        for new in (f + 2 * (layer - f), f + 2 * (layer - f) + 1):
+            out[f"{m[1]}{new}.{m[3]}"] = value
+    for prefix, f in mapped.items():
+        logger.info("%s: checkpoint of %d layers mapped to %d: fusion layer l >= %d copied into layers "
+                    "%d + 2(l - %d) and the next (two-image fusion)", prefix.removesuffix(".encoder.layer."),
+                    source_counts[prefix], target_counts[prefix], f, f, f)
     return out
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _match_bert_prefix(key: str, target: dict) -> str:
@@ -121,31 +208,42 @@ def _match_bert_prefix(key: str, target: dict) -> str:
     return key
 
 
-def load_weights(model: nn.Module, source: str | dict[str, Tensor], strict: bool = False) -> LoadReport:
-    """Load a checkpoint path or state dict into ``model``; returns (and logs) the report."""
+def load_weights(model: nn.Module, source: str | dict[str, Tensor], strict: bool = False,
+                 init_momentum: bool = True) -> LoadReport:
+    """Load a checkpoint path or state dict into ``model``; returns (and logs) the report.
+
+    ``init_momentum=False`` leaves momentum twins that the checkpoint lacks as they are (official NLVR.py
+    copies the online weights into them before loading, so they keep the random initialisation).
+    """
     state = read_state_dict(source)[0] if isinstance(source, str) else source
     state = adapt_state_dict(state, model)
     result = model.load_state_dict(state, strict=strict)
     report = LoadReport(list(result.missing_keys), list(result.unexpected_keys))
-    _init_missing_momentum(model, report)
+    _init_missing_momentum(model, report, copy=init_momentum)
     name = source if isinstance(source, str) else "state dict"
     logger.info("loaded %s: %d tensors, %d missing, %d unexpected", name, len(state),
                 len(report.missing), len(report.unexpected))
     if report.momentum_initialised:
         logger.info("momentum weights absent from the checkpoint were initialised from the online weights "
                     "(%s)", ", ".join(report.momentum_initialised))
+    if report.momentum_kept:
+        logger.info("momentum weights absent from the checkpoint keep their initialisation (%s)",
+                    ", ".join(report.momentum_kept))
     if report.suspicious:
         logger.warning("suspicious missing/unexpected keys: %s", report.suspicious[:20])
     return report
 
 
-def _init_missing_momentum(model: nn.Module, report: LoadReport) -> None:
+def _init_missing_momentum(model: nn.Module, report: LoadReport, copy: bool = True) -> None:
     pairs = getattr(model, "momentum_pairs", [])
     missing = set(report.missing)
     names = [name for name, name_m in pairs if any(k.startswith(name_m + ".") for k in missing)]
     if names:
-        model.copy_to_momentum(names)
-        report.momentum_initialised = [n + "_m" for n in names]
+        if copy:
+            model.copy_to_momentum(names)
+            report.momentum_initialised = [n + "_m" for n in names]
+        else:
+            report.momentum_kept = [n + "_m" for n in names]
         prefixes = tuple(n + "_m." for n in names)
         report.missing = [k for k in report.missing if not k.startswith(prefixes)]
 

@@ -92,6 +92,21 @@ def mlm_loss(logits: Tensor, labels: Tensor, soft_labels: Tensor | None = None, 
     return loss
 
 
+def distill_cross_entropy(
+    logits: Tensor, targets: Tensor, logits_m: Tensor | None = None, alpha: float = 0.0,
+) -> Tensor:
+    """Classification with momentum distillation (SNLI-VE, NLVR2; official ``model_ve.py``/``model_nlvr.py``).
+
+    logits (B, C), targets (B,) class indices, logits_m (B, C) of the momentum model. Returns
+    ``(1 - alpha) * CE(logits, targets) + alpha * mean(-sum softmax(logits_m) * log_softmax(logits))``;
+    plain CE when ``logits_m`` is None (``distill: false``).
+    """
+    loss = F.cross_entropy(logits, targets)
+    if logits_m is None:
+        return loss
+    return (1.0 - alpha) * loss + alpha * soft_cross_entropy(logits, F.softmax(logits_m, dim=1))
+
+
 def mask_tokens(
     input_ids: Tensor, vocab_size: int, mask_token_id: int, special_ids: tuple[int, ...],
     probability: float = 0.15, generator: torch.Generator | None = None,

@@ -1,0 +1,134 @@
+"""SNLI-VE: the distillation loss by hand, the classifier model, its checkpoint layout, SNLI-VE data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_model import ROOT, read_manifest
+
+from conftest import tiny_albef
+from dataset.transforms import build_transform
+from dataset.validate import DataError
+from dataset.ve_dataset import VE_CLASS_NAMES, VEDataset, ve_image_path, ve_label
+from models.albef import ALBEFConfig
+from models.bert import BertConfig
+from models.checkpoint import load_weights
+from models.losses import distill_cross_entropy
+from models.model_pretrain import ALBEFPretrain
+from models.model_ve import ALBEFVE
+
+
+def test_distill_cross_entropy_by_hand() -> None:
+    # row 0: softmax(0, ln 3) = (1/4, 3/4), target 1, teacher uniform; row 1: softmax(ln 2, 0, 0) = (1/2, 1/4, 1/4)
+    logits = torch.tensor([[0.0, math.log(3.0), -1e4], [math.log(2.0), 0.0, 0.0]])  # row 0: class 2 ~ never
+    targets = torch.tensor([1, 0])
+    logits_m = torch.tensor([[0.0, 0.0, -1e4], [0.0, 0.0, 0.0]])  # teacher: (1/2, 1/2, 0), (1/3, 1/3, 1/3)
+    ce = (-math.log(3 / 4) - math.log(1 / 2)) / 2
+    soft = (-(0.5 * math.log(1 / 4) + 0.5 * math.log(3 / 4))
+            - (math.log(1 / 2) + 2 * math.log(1 / 4)) / 3) / 2
+    alpha = 0.4
+    got = distill_cross_entropy(logits, targets, logits_m, alpha)
+    assert got.item() == pytest.approx((1 - alpha) * ce + alpha * soft, rel=1e-6)
+    assert distill_cross_entropy(logits, targets).item() == pytest.approx(ce, rel=1e-6)
+    assert distill_cross_entropy(logits, targets, logits_m, 0.0).item() == pytest.approx(ce, rel=1e-6)
+
+
+def test_ve_forward_is_the_distillation_loss_and_backward_reaches_the_encoders() -> None:
+    model = ALBEFVE(tiny_albef(momentum=0.5))
+    model.eval()  # no dropout
+    for p in model.cls_head.parameters():
+        torch.nn.init.normal_(p)
+    ids = torch.randint(1000, 3000, (3, 6))
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    image, targets = torch.randn(3, 3, 32, 32), torch.tensor([2, 0, 1])
+    out = model(image, ids, mask, targets, alpha=0.4)
+    logits, logits_m = model.logits(image, ids, mask), model.logits(image, ids, mask, momentum=True)
+    assert logits.shape == (3, 3)
+    torch.testing.assert_close(out["loss"], distill_cross_entropy(logits, targets, logits_m, 0.4))
+    out["loss"].backward()
+    assert model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert model.text_encoder.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.cls_head_m.parameters())
+    # the fused [CLS] is that of the full 12-layer pass (official mode 'multi_modal')
+    full = model.bert(ids, mask, model.visual_encoder(image))[:, 0]
+    torch.testing.assert_close(model.fused_cls(image, ids, mask), full, rtol=1e-5, atol=1e-6)
+
+
+def test_ve_layout_is_the_retrieval_body_plus_cls_head_and_loads_a_pretrain_checkpoint() -> None:
+    rows = read_manifest("albef_base_retrieval_keys.txt")
+    config = ALBEFConfig(bert=BertConfig.from_json(os.path.join(ROOT, "configs", "config_bert.json")), image_res=384)
+    with torch.device("meta"):
+        model = ALBEFVE(config)
+    body = [k for k, *_ in rows if k.startswith(("visual_encoder.", "text_encoder."))]
+    head = ["cls_head.0.weight", "cls_head.0.bias", "cls_head.2.weight", "cls_head.2.bias"]
+    twins = [k.replace(".", "_m.", 1) for k in body + head]
+    assert list(model.state_dict()) == body + head + twins
+    assert model.cls_head[2].weight.shape == (3, 768)
+    assert not [k for k in ALBEFVE(tiny_albef(distill=False)).state_dict() if "_m." in k]
+
+    source = ALBEFPretrain(tiny_albef(image_res=32))
+    target = ALBEFVE(tiny_albef(image_res=48))
+    report = load_weights(target, source.state_dict())
+    assert [k for k in report.suspicious] == [f"cls_head.{n}" for n in ("0.weight", "0.bias", "2.weight", "2.bias")]
+    assert report.momentum_initialised == ["cls_head_m"]  # the encoders' twins come from the checkpoint
+    name = "encoder.layer.3.crossattention.self.value.weight"
+    assert torch.equal(target.text_encoder_m.get_parameter(name), source.text_encoder_m.bert.get_parameter(name))
+    assert target.visual_encoder_m.pos_embed.shape == (1, 37, 32)
+
+
+# ----------------------------------------------------------------------------- data
+def test_ve_labels_and_image_paths() -> None:
+    assert [ve_label(v, "x") for v in ("entailment", "neutral", "contradiction")] == [2, 1, 0]
+    assert VE_CLASS_NAMES == ("contradiction", "neutral", "entailment")
+    for bad in ("Entailment", "entails", "", 2, None):
+        with pytest.raises(DataError, match="x, key 'label'"):
+            ve_label(bad, "x")
+    assert ve_image_path("root", "2248275918") == os.path.join("root", "2248275918.jpg")
+    assert ve_image_path("root", "12.png") == os.path.join("root", "12.png")
+    assert ve_image_path("root", "flickr/12.jpg") == os.path.join("root", "flickr/12.jpg")
+
+
+def test_ve_dataset_items_and_errors(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(tmp_path / "17.jpg")
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(tmp_path / "18.png")
+    items = [{"image": "17", "sentence": "A Blue square.", "label": "entailment"},
+             {"image": "18.png", "sentence": "a green one", "label": "contradiction"},
+             {"image": "19", "sentence": "missing image", "label": "neutral"}]
+    path = tmp_path / "ve.json"
+    path.write_text(json.dumps(items))
+    data = VEDataset(str(path), build_transform("test", 16), str(tmp_path))
+    assert data.labels == [2, 0, 1]
+    image, sentence, label = data[0]
+    assert image.shape == (3, 16, 16) and sentence == "a blue square" and label == 2
+    assert data[1][0][2].mean() < data[0][0][2].mean()  # the .png was read as is (green, not blue)
+    assert data[2] is None and data.num_skipped == 1  # 19.jpg does not exist
+    path.write_text(json.dumps([items[0], {**items[0], "label": "unknown"}]))
+    with pytest.raises(DataError, match=r"ve.json, item 1, key 'label'.*'unknown'"):
+        VEDataset([str(path)], build_transform("test", 16), str(tmp_path))
+    path.write_text(json.dumps([{**items[0], "sentence": "?!"}]))
+    with pytest.raises(DataError, match=r"item 0, key 'sentence': caption is empty"):
+        VEDataset(str(path), build_transform("test", 16), str(tmp_path))
+
+
+def test_soft_targets_of_the_model_are_the_teacher_softmax() -> None:
+    """alpha = 1: the loss is exactly the soft cross-entropy against the twins' distribution."""
+    model = ALBEFVE(tiny_albef(momentum=1.0))  # momentum 1: the twins do not move
+    model.eval()
+    for p in model.cls_head_m.parameters():
+        torch.nn.init.normal_(p)
+    ids = torch.randint(1000, 3000, (2, 5))
+    ids[:, 0] = 101
+    mask, image, targets = torch.ones_like(ids), torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    loss = model(image, ids, mask, targets, alpha=1.0)["loss"]
+    soft = F.softmax(model.logits(image, ids, mask, momentum=True), dim=1)
+    expected = -(F.log_softmax(model.logits(image, ids, mask), dim=1) * soft).sum(1).mean()
+    torch.testing.assert_close(loss, expected)
