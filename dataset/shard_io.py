@@ -80,19 +80,23 @@ def _local_path(url: str) -> str:
     return re.sub(r"^file://?", "", url)  # as webdataset's gopen_file
 
 
-_MANIFESTS: dict[str, dict[str, int]] = {}
+_MANIFESTS: dict[tuple[str, int], dict[str, int]] = {}  # (path, mtime) -> counts: read once per rank
+_META_RE = re.compile(r"__[^/]*__($|/)")  # members webdataset skips
 
 
 def manifest_counts(directory: str) -> dict[str, int]:
     """Shard file name -> sample count from ``directory/manifest.json`` (empty when there is none)."""
-    if directory not in _MANIFESTS:
-        path = os.path.join(directory, "manifest.json")
-        counts: dict[str, int] = {}
-        if os.path.isfile(path):
+    path = os.path.join(directory, "manifest.json")
+    if not os.path.isfile(path):
+        return {}
+    key = (path, os.stat(path).st_mtime_ns)
+    if key not in _MANIFESTS:
+        try:
             with open(path, encoding="utf-8") as f:
-                counts = {s["name"]: int(s["num_samples"]) for s in json.load(f).get("shards", [])}
-        _MANIFESTS[directory] = counts
-    return _MANIFESTS[directory]
+                _MANIFESTS[key] = {s["name"]: int(s["num_samples"]) for s in json.load(f).get("shards", [])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DataError(f"{path}: unreadable shard manifest ({type(err).__name__}: {err})") from err
+    return _MANIFESTS[key]
 
 
 def count_tar_samples(path: str) -> int:
@@ -100,7 +104,7 @@ def count_tar_samples(path: str) -> int:
     count, last = 0, None
     with tarfile.open(path, "r:*") as tar:
         for info in tar:
-            if not info.isreg() or info.name.split("/")[-1].startswith("__"):
+            if not info.isreg() or _META_RE.match(info.name):
                 continue
             prefix, _ = base_plus_ext(info.name)
             if prefix is not None and prefix != last:
@@ -125,11 +129,14 @@ def shard_sample_count(url: str) -> int:
     if name in counts:
         return counts[name]
     stats = os.path.join(directory, name.split(".", 1)[0] + "_stats.json")
-    if os.path.isfile(stats):
-        with open(stats, encoding="utf-8") as f:
-            return int(json.load(f)["successes"])
-    logger.info("%s: no manifest.json or _stats.json; counting samples from the tar headers", path)
-    return count_tar_samples(path)
+    try:
+        if os.path.isfile(stats):
+            with open(stats, encoding="utf-8") as f:
+                return int(json.load(f)["successes"])
+        logger.info("%s: no manifest.json or _stats.json; counting samples from the tar headers", path)
+        return count_tar_samples(path)
+    except (OSError, ValueError, KeyError, TypeError, tarfile.TarError) as err:
+        raise DataError(f"{path}: cannot count its samples ({type(err).__name__}: {err})") from err
 
 
 def build_units(train_file: str | Sequence[str]) -> tuple[list[Unit], list[list[dict]]]:
@@ -164,7 +171,7 @@ def shard_problems(spec: str) -> list[str]:
     try:
         urls = expand_shard_spec(spec)
         total = sum(shard_sample_count(u) for u in urls)
-    except (DataError, OSError, tarfile.TarError, ValueError, KeyError) as err:
+    except DataError as err:
         return [f"{spec}: {err}"]
     logger.info("%s: %d shards, %d samples", spec, len(urls), total)
     return []
