@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +41,8 @@ from models.albef import ALBEFConfig
 from models.gradcam import default_block, gradcam
 from models.model_retrieval import ALBEFRetrieval
 from scripts import visualize
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def batch(config: ALBEFConfig, b: int = 2, t: int = 6) -> tuple[Tensor, Tensor, Tensor]:
@@ -332,3 +336,59 @@ def test_visualize_writes_valid_pngs(world: Path, tmp_path: Path) -> None:
                           "--image", str(world / image), "--text", "a circle", "--output_dir", str(tmp_path / "itc"),
                           "--gradcam_mode", "itc"])
     assert [Path(p).name for p in itc] == ["sentence.png", "grid.png"]
+
+
+# ----------------------------------------------------------------------------- Grounding.py
+def grounding_argv(world: Path, out: Path, *flags: str, truth: str = "") -> list[str]:
+    return ["--config", str(ROOT / "configs" / "toy" / "Grounding.yaml"), "--output_dir", str(out), "--device", "cpu",
+            *flags, "--override", "toy_world=''", f"train_file=[{world}/grounding_train.json]",
+            f"test_file=[{world}/grounding_test.json]", f"refcoco_data={truth or world / 'refs.json'}",
+            f"det_file={world}/dets.json", f"image_root={world}", "schedular.epochs=1", "batch_size=4",
+            "queue_size=16", "num_workers=0", "image_res=32"]
+
+
+def test_main_fine_tunes_then_evaluates(world: Path, tmp_path: Path) -> None:
+    import Grounding
+
+    n_refs = len(json.loads((world / "grounding_test.json").read_text()))
+    results = Grounding.main(grounding_argv(world, tmp_path / "run"))
+    assert results["best_epoch"] == 0 and results["gradcam_mode"] == "itm"
+    assert set(results) >= {"val_d", "testA_d", "testB_d"} and results["n_refs"] == n_refs
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert log[0]["score"] == log[0]["val_d"] and "train_loss_ita" in log[0]
+    best = str(tmp_path / "run" / "checkpoint_best.pth")
+    refer = write_refer_layout(world, tmp_path / "refer")
+    evaluated = Grounding.main(grounding_argv(world, tmp_path / "eval", "--evaluate", "--checkpoint", best,
+                                              truth=str(refer)))
+    assert {k: evaluated[k] for k in ("val_d", "testA_d", "testB_d")} == {
+        k: results[k] for k in ("val_d", "testA_d", "testB_d")}
+    itc = Grounding.main(grounding_argv(world, tmp_path / "itc", "--evaluate", "--checkpoint", best,
+                                        "--gradcam_mode", "itc", "--block_num", "3"))
+    assert itc["gradcam_mode"] == "itc" and itc["block_num"] == 3 and itc["n_refs"] == n_refs
+    saved = json.loads((tmp_path / "itc" / "result" / "grounding_metrics.json").read_text())
+    assert saved == pytest.approx(itc)
+
+
+def test_two_processes_evaluate_exactly_like_one(world: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2 Grounding.py --evaluate``: the accuracies of one process; the maps are
+    gathered in memory, so the output folder holds no per-rank files."""
+    import Grounding
+
+    model = ALBEFRetrieval(tiny_albef(bert=tiny_bert(hidden_size=128, encoder_width=128, num_attention_heads=4,
+                                                     intermediate_size=512), vision_width=128, vision_depth=4,
+                                      vision_heads=4, embed_dim=64, queue_size=16))
+    for p in model.parameters():  # spread weights: distinct maps per expression
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.3)
+    torch.save({"model": model.state_dict()}, tmp_path / "spread.pth")
+    flags = ("--evaluate", "--checkpoint", str(tmp_path / "spread.pth"))
+    two = tmp_path / "two"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "Grounding.py", *grounding_argv(world, two, *flags)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = Grounding.main(grounding_argv(world, tmp_path / "one", *flags))
+    assert json.loads((two / "result" / "grounding_metrics.json").read_text()) == one
+    assert len({one["val_d"], one["testA_d"], one["testB_d"]}) > 1 or 0 < one["val_d"] < 1
+    assert sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file()) == [
+        "config.yaml", "log.txt", "result/grounding_metrics.json", "train.log"]
