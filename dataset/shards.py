@@ -115,6 +115,8 @@ class ShardStream(IterableDataset):
     def segments(self, epoch: int, begin: int, length: int) -> list[tuple[int, int, int]]:
         """``(unit index, skip, take)`` covering samples ``[begin, begin + length)`` of the epoch's sequence."""
         out, pos, end = [], 0, begin + length
+        if length <= 0:
+            return out
         for pass_index in itertools.count():
             for u in self.unit_order(epoch, pass_index):
                 count = self.units[u].count

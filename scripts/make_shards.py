@@ -32,7 +32,7 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -167,7 +167,7 @@ class ShardBuilder:
                 "first": self.first, "end": end, "unreadable": self.unreadable}
 
 
-def _results(jobs: list[tuple[str, int, int]], workers: int) -> Iterator[tuple[str, bytes] | str]:
+def _results(jobs: Iterable[tuple[str, int, int]], workers: int) -> Iterator[tuple[str, bytes] | str]:
     """``_encode`` of every job, in order, in ``workers`` processes (0: this one)."""
     if workers <= 0:
         yield from map(_encode, jobs)
@@ -181,8 +181,8 @@ def write_shards(args: argparse.Namespace, items: list[list[dict]], manifest: di
     order = plan_order([len(x) for x in items], args.seed, not args.no_shuffle)
     start = manifest["shards"][-1]["end"] if manifest["shards"] else 0
     sources = [os.path.basename(p) for p in args.ann]
-    jobs = [(os.path.join(args.image_root, items[f][i]["image"]), args.short_side, args.quality)
-            for f, i in order[start:]]
+    jobs = ((os.path.join(args.image_root, items[f][i]["image"]), args.short_side, args.quality)
+            for f, i in order[start:])
     shard = ShardBuilder(args.out_dir, len(manifest["shards"]), start)
     for pos, result in tqdm(enumerate(_results(jobs, args.workers), start=start), total=len(order),
                             initial=start, desc="items", unit="item", disable=None):

@@ -21,7 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dataset import DataError, build_pretrain_loader, build_transform, load_image, validate_config_files
-from dataset.shard_io import count_tar_samples, decode_image_bytes, shard_sample_count
+from dataset.shard_io import Unit, count_tar_samples, decode_image_bytes, shard_sample_count
+from dataset.shards import ShardStream
 from dataset.toy_world import ensure_toy_world
 from scripts import make_shards
 
@@ -140,6 +141,21 @@ def test_epoch_longer_than_the_data_takes_a_second_pass(shards: str) -> None:
     counts = collections.Counter(keys_of(epoch_batches(loader, 0)))
     assert len(loader) == 12 and sum(counts.values()) == 60
     assert set(counts) == all_keys() and max(counts.values()) == 2
+
+
+def test_plan_splits_uneven_shards_by_sample() -> None:
+    """Shards of 3, 7, 1, 9, 0 and 4 samples over 3 ranks x 2 workers: the workers' ranges tile the epoch."""
+    units = [Unit(f"{i}.tar", n) for i, n in enumerate([3, 7, 1, 9, 0, 4])]
+    taken = []
+    for rank in range(3):
+        stream = ShardStream(units, [], None, batch_size=2, steps=3, rank=rank, world_size=3, num_workers=2)
+        for worker in range(2):
+            quota = stream.worker_batches(worker) * 2
+            segments = stream.segments(5, stream.stream_offset(worker), quota)
+            assert sum(take for _, _, take in segments) == quota == (4 if worker == 0 else 2)
+            taken += [(u, skip + j) for u, skip, take in segments for j in range(take)]
+    order = [(u, j) for u in stream.unit_order(5, 0) for j in range(units[u].count)]
+    assert taken == order[:18]  # 18 of the 24 samples, each once, in the epoch's order
 
 
 def test_mid_epoch_resume_is_exact(shards: str) -> None:
