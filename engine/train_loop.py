@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from engine.distributed import get_world_size, is_main_process
+from engine.distributed import all_gather_cat, collective_device, get_world_size, is_main_process
 from engine.logs import MetricAccumulator
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
                     grad_clip: float = 0.0, start_step: int = 0,
                     on_step: Callable[[int, int], None] | None = None, nonfinite: str = "stop",
                     max_skipped: int = -1, skip_counter: dict | None = None,
-                    log_every: int = 50) -> dict[str, float]:
+                    log_every: int = 50, step_offset: int | None = None,
+                    epoch_fraction: Callable[[int], float] | None = None) -> dict[str, float]:
     """Train ``model`` for one epoch (from iteration ``start_step``) and return the mean losses and 'lr'.
 
     A resumed loader already skips the first ``start_step`` batches: the epoch has ``start_step + len(loader)``.
@@ -107,7 +108,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
     are only averaged. alpha ramps as ``alpha * min(1, i / len(loader))`` in epoch 0 when ``warm_up``.
     A non-finite total raises ``NonFiniteLossError`` (``nonfinite='stop'``) or skips the update
     (``'skip'``, counted in ``skip_counter['nonfinite']``). ``on_step(epoch, i + 1)`` runs after every
-    iteration.
+    iteration. ``step_offset``: optimizer steps of the epochs before (default ``epoch * num_steps``), so that
+    ``global_step = step_offset + i``; ``epoch_fraction(i)``: the share of the epoch's samples consumed before
+    iteration ``i`` for the alpha ramp (default ``i / num_steps``; a resume under another batch size passes it).
+    Ranks agree on every step (:func:`_agree_across_ranks`): a batch left empty on one rank skips the step on
+    all, and a short batch weighs its rank's gradient by its share of the global batch.
     """
     if nonfinite not in ("stop", "skip"):
         raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
@@ -127,15 +132,18 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
     with tqdm(total=num_steps, initial=start_step, desc=f"epoch {epoch}", dynamic_ncols=True, mininterval=interval,
               disable=not is_main_process()) as bar:
         for i, batch in enumerate(loader, start=start_step):
-            batch = _unpack_batch(batch, counter, max_skipped, epoch, i)
+            batch, share = _agree_across_ranks(_unpack_batch(batch, counter, max_skipped, epoch, i), counter,
+                                               epoch, i)
             if batch is not None:
-                alpha_i = alpha * min(1.0, i / num_steps) if epoch == 0 and warm_up else alpha
+                done = i / num_steps if epoch_fraction is None else epoch_fraction(i)
+                alpha_i = alpha * min(1.0, done) if epoch == 0 and warm_up else alpha
                 lr = scheduler.step(epoch, i)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    losses = step_fn(model, batch, alpha_i, epoch * num_steps + i)
+                    losses = step_fn(model, batch, alpha_i, (epoch * num_steps if step_offset is None
+                                                             else step_offset) + i)
                 total = _total_loss(losses)
                 if _all_finite(total):
-                    _backward_step(total, model, optimizer, scaler, grad_clip)
+                    _backward_step(total if share == 1.0 else total * share, model, optimizer, scaler, grad_clip)
                     metrics.update(**losses, lr=lr)
                 else:
                     _handle_nonfinite(losses, optimizer, nonfinite, counter, epoch, i)
@@ -145,6 +153,31 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
             if on_step is not None:
                 on_step(epoch, i + 1)
     return metrics.averages()
+
+
+def _agree_across_ranks(batch: Any, counter: dict, epoch: int, step: int) -> tuple[Any, float]:
+    """Make every rank take the same decision on this step; returns (batch or None, this rank's loss weight).
+
+    Unreadable images leave ranks with different numbers of rows (one small all-gather of the counts per step).
+    A rank with none cannot run the step, and DDP needs every rank in the gradient all-reduce: when any rank's
+    batch is empty, every rank skips the step (counted in ``counter['empty_steps']``; the other ranks' rows of
+    that step are not trained on). Otherwise each rank's losses are means over its own rows and its gradient
+    is weighted by ``rows_r * world / sum(rows)`` (exactly 1.0 for full batches): after DDP's averaging, every
+    row of the global batch counts the same, as in one process with that batch.
+    """
+    world = get_world_size()
+    if world == 1:
+        return batch, 1.0
+    rows = 0 if batch is None else len(batch[0])
+    counts = all_gather_cat(torch.tensor([rows], device=collective_device())).tolist()  # (world,)
+    if min(counts) == 0:
+        counter["empty_steps"] = counter.get("empty_steps", 0) + 1
+        if is_main_process():
+            logger.warning("epoch %d, iteration %d: no readable sample in the batch of process(es) %s: every "
+                           "process skips this step (%d samples of the others unused)", epoch, step,
+                           [r for r, c in enumerate(counts) if c == 0], sum(counts))
+        return None, 1.0
+    return batch, rows * world / sum(counts)
 
 
 def _all_finite(total: torch.Tensor) -> bool:
