@@ -161,13 +161,17 @@ class ALBEFBase(nn.Module):
     def enqueue(self, image_feat: Tensor, text_feat: Tensor, idx: Tensor | None = None) -> None:
         """Write the features of the GLOBAL batch into the ring-buffer queues (any batch size).
 
-        image_feat, text_feat: (B, E) momentum features of this rank; gathered over ranks first so
-        every rank holds the same queue. The oldest entries are overwritten; no host sync.
+        image_feat, text_feat: (B_r, E) momentum features of this rank, idx: (B_r,) ids or None; gathered over
+        ranks in rank order first so every rank holds the same queue. Ranks may hold different numbers of rows
+        (a rank whose batch lost unreadable images): every row is written and the pointer advances by the
+        global count on every rank. The oldest entries are overwritten; no host sync in one process.
         """
-        image_feat, text_feat = distributed.all_gather_cat(image_feat), distributed.all_gather_cat(text_feat)
+        width = image_feat.size(1)
+        feats = distributed.all_gather_uneven(torch.cat([image_feat, text_feat.to(image_feat.dtype)], dim=1))
+        image_feat, text_feat = feats[:, :width], feats[:, width:]  # (sum_r B_r, E) each
         columns = [(self.image_queue, image_feat), (self.text_queue, text_feat)]
         if idx is not None:
-            columns.append((self.idx_queue, distributed.all_gather_cat(idx)[:, None]))
+            columns.append((self.idx_queue, distributed.all_gather_uneven(idx)[:, None]))
         size = self.image_queue.size(1)
         n = min(image_feat.size(0), size)
         positions = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % size  # (n,)
