@@ -85,8 +85,6 @@ def gradcam(
         IndexError: ``block_num`` is not a ViT block (``itc``).
     """
     block = default_block(model, mode) if block_num is None else block_num
-    # a leaf that needs a gradient: the attention then needs one even if every weight is frozen
-    image = image.detach().requires_grad_(True)
     with _evaluating(model), torch.enable_grad():
         if mode == "itm":
             return _itm_gradcam(model, image, input_ids, attention_mask, block)
@@ -103,7 +101,10 @@ def _itm_gradcam(model: ALBEFBase, image: Tensor, input_ids: Tensor, attention_m
     attention = layers[block].crossattention.self
     attention.save_attention = True
     try:
-        image_embeds, _ = model.encode_image(image)  # (B, 1+G*G, D)
+        with torch.no_grad():  # the ViT's own graph is not needed: the gradient stops at the attention
+            image_embeds, _ = model.encode_image(image)  # (B, 1+G*G, D)
+        # a leaf that needs a gradient: the attention then needs one even if every weight is frozen
+        image_embeds.requires_grad_(True)
         text_embeds, _ = model.encode_text(input_ids, attention_mask)  # (B, T, H)
         # every row of every layer, as the official multi-modal pass (per-token maps read all rows)
         score = model.itm_logits(text_embeds, attention_mask, image_embeds, cls_only=False)[:, 1]  # (B,)
@@ -129,6 +130,7 @@ def _weigh(probs: Tensor, grad: Tensor, attention_mask: Tensor, grid: int) -> Te
 
 def _itc_gradcam(model: ALBEFBase, image: Tensor, input_ids: Tensor, attention_mask: Tensor,
                  block: int) -> dict[str, Tensor]:
+    image = image.detach().requires_grad_(True)  # the attention needs a gradient even with frozen weights
     with saved_attention(model.visual_encoder, block) as recorded:
         _, image_feat = model.encode_image(image)  # (B, E)
     probs = recorded[-1]  # (B, nh, 1+G*G, 1+G*G)

@@ -102,6 +102,16 @@ def test_gradcam_leaves_the_fused_attention_path() -> None:
         gradcam(model, image, ids, mask, mode="itc", block_num=2)
 
 
+def test_gradcam_of_a_frozen_model_equals_the_trainable_one() -> None:
+    config = tiny_albef()
+    model = ALBEFRetrieval(config)
+    image, ids, mask = batch(config)
+    expected = {mode: gradcam(model, image, ids, mask, mode=mode)["map"] for mode in ("itm", "itc")}
+    model.requires_grad_(False)
+    for mode in ("itm", "itc"):
+        torch.testing.assert_close(gradcam(model, image, ids, mask, mode=mode)["map"], expected[mode])
+
+
 class FixedTokens(nn.Module):
     """Stands in for the ViT: the same image tokens (1, 1+G*G, D) for every image."""
 
