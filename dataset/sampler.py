@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 def global_batch_problem(num_items: int, batch_size: int, world_size: int) -> str | None:
     """Why ``num_items`` cannot fill one global batch of ``batch_size x world_size``, or None."""
     global_batch = batch_size * world_size
-    if 0 < num_items < global_batch:
+    if num_items < global_batch:
         return (f"{num_items} samples, fewer than one global batch (batch size {batch_size} x {world_size} "
                 f"process(es) = {global_batch}): training would run zero steps")
     return None

@@ -229,6 +229,68 @@ def _task_files(
     return pairs, problems
 
 
+def annotation_problems(
+    path: str,
+    required: Mapping[str, TypeSpec],
+    text_keys: Sequence[str] = ("caption",),
+    limit: int = 20,
+) -> tuple[list[dict], list[str]]:
+    """Every problem of one annotation file, where :func:`load_annotations` stops at the first.
+
+    Returns the valid items and the problems: the first ``limit`` listed, then one line counting the rest.
+    """
+    try:
+        data = read_json(path)
+    except DataError as err:
+        return [], [str(err)]
+    if not isinstance(data, list):
+        return [], [f"{path}: top level must be a JSON list of items, got {type(data).__name__}"]
+    items, problems = [], []
+    for index, item in enumerate(data):
+        try:
+            _check_item(path, index, item, required, text_keys)
+            items.append(item)
+        except DataError as err:
+            problems.append(str(err))
+    if len(problems) > limit:
+        problems = [*problems[:limit], f"{path}: ... and {len(problems) - limit} more problems "
+                                       f"({len(problems)} of {len(data)} items)"]
+    return items, problems
+
+
+def task_file_report(
+    config: Mapping[str, Any], task: str, check_images: bool = False, limit: int = 20
+) -> tuple[dict[str, int], list[str]]:
+    """Validate every annotation file of a task (all problems of each file, up to ``limit`` listed).
+
+    Returns the valid items per split (``train``, ``val``, ``test``, from the ``<split>_file`` keys; shard specs
+    are checked but not counted) and the problems.
+    """
+    pairs, problems = _task_files(config, task)
+    image_root = config.get("image_root") or ""
+    image_root = image_root if isinstance(image_root, str) else ""
+    split_of = {}
+    for key in ("train_file", "val_file", "test_file"):
+        value = config.get(key)
+        for f in [value] if isinstance(value, str) else value or []:
+            split_of[f] = key[: -len("_file")]
+    sizes: dict[str, int] = {}
+    for path, schema in pairs:
+        if schema is PRETRAIN_SCHEMA and not path.lower().endswith(".json"):
+            from dataset.shard_io import shard_problems  # a WebDataset shard spec (dataset/shards.py)
+
+            problems += shard_problems(path)
+            continue
+        items, found = annotation_problems(path, schema, limit=limit)
+        problems += found
+        split = split_of.get(path, "train")
+        sizes[split] = sizes.get(split, 0) + len(items)
+        logger.info("%s: %d valid items, %d problem(s)", path, len(items), len(found))
+        if check_images:
+            problems += _check_images(path, items, image_root)
+    return sizes, problems
+
+
 def validate_config_files(
     config: Mapping[str, Any], task: str, check_images: bool = False
 ) -> list[str]:
@@ -241,23 +303,7 @@ def validate_config_files(
         check_images: also decode every referenced image with :func:`load_image`.
 
     Returns:
-        Human-readable problems; an empty list means the data is usable.
+        Human-readable problems (every problem of each file, see :func:`task_file_report`); an empty list means
+        the data is usable.
     """
-    pairs, problems = _task_files(config, task)
-    image_root = config.get("image_root") or ""
-    image_root = image_root if isinstance(image_root, str) else ""
-    for path, schema in pairs:
-        if schema is PRETRAIN_SCHEMA and not path.lower().endswith(".json"):
-            from dataset.shard_io import shard_problems  # a WebDataset shard spec (dataset/shards.py)
-
-            problems += shard_problems(path)
-            continue
-        try:
-            items = load_annotations(path, schema)
-        except DataError as err:
-            problems.append(str(err))
-            continue
-        logger.info("%s: %d items, schema OK", path, len(items))
-        if check_images:
-            problems += _check_images(path, items, image_root)
-    return problems
+    return task_file_report(config, task, check_images)[1]
