@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from dataset import PretrainDataset, build_transform, create_loader
-from engine import distributed, trainer
 from engine.config import COMMON_DEFAULTS, get_parser
-from models.albef import ALBEFConfig
-from models.checkpoint import init_from_pretrained
-from models.model_pretrain import ALBEFPretrain
-from models.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # torch, the models and the data are imported inside the functions: --help stays fast
+    import torch
+
+    from models.model_pretrain import ALBEFPretrain
+    from models.tokenizer import TextTokenizer
 
 logger = logging.getLogger("albef.pretrain")
 
@@ -52,8 +50,19 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def build_transform(*args: Any, **kwargs: Any) -> Any:
+    """``dataset.build_transform``, imported on first use."""
+    from dataset import build_transform as build
+
+    return build(*args, **kwargs)
+
+
 def build_model(config: dict, tokenizer: TextTokenizer, text_encoder: str) -> ALBEFPretrain:
     """The pre-training model, initialised from DeiT / BERT weights when the config asks for it."""
+    from models.albef import ALBEFConfig
+    from models.checkpoint import init_from_pretrained
+    from models.model_pretrain import ALBEFPretrain
+
     model = ALBEFPretrain(ALBEFConfig.from_config(config), tokenizer.pad_token_id, tokenizer.cls_token_id,
                           tokenizer.mask_token_id)
     init_from_pretrained(model, vit_init=config["vit_init"], bert_init=text_encoder if config["bert_init"] else "")
@@ -75,6 +84,10 @@ def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device):
 def main(argv: list[str] | None = None) -> dict:
     """Run pre-training; returns the last epoch's averaged stats."""
     args = get_parser(__doc__).parse_args(argv)
+    from dataset import PretrainDataset, create_loader
+    from engine import distributed, trainer
+    from models.tokenizer import TextTokenizer
+
     config, device = trainer.setup_run(args, DEFAULTS)
     trainer.check_itm_batch(config["batch_size"], "batch_size")
     tokenizer = TextTokenizer(args.text_encoder)
@@ -89,4 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(trainer.run_main(main))
+    get_parser(__doc__).parse_args()  # --help and usage errors answer before torch is imported
+    from engine.trainer import run_main
+
+    sys.exit(run_main(main))

@@ -1,4 +1,4 @@
-"""ALBEF image-text retrieval: fine-tuning (ITC with image-id positives + ITM) and the paper's evaluation.
+r"""ALBEF image-text retrieval: fine-tuning (ITC with image-id positives + ITM) and the paper's evaluation.
 
     python Retrieval.py --config configs/toy/Retrieval.yaml --output_dir output/toy_retrieval \
         --checkpoint output/toy_pretrain/checkpoint_best.pth
@@ -8,8 +8,9 @@
         --checkpoint ALBEF.pth
 
 Each epoch evaluates val (``score`` = val ``r_mean`` picks ``checkpoint_best.pth``); the best checkpoint is
-then evaluated on test. ``--evaluate`` only evaluates val and test. Metrics are appended to ``log.txt`` and
-written to ``output_dir/result/retrieval_metrics.json``.
+then evaluated on test. ``--evaluate`` only evaluates val and test. ``log.txt`` has one line per epoch (val
+metrics included) or, with ``--evaluate``, one line of val and test metrics; all results are written to
+``output_dir/result/retrieval_metrics.json``.
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from dataset import RetrievalEvalDataset, RetrievalTrainDataset, build_transform, create_loader
-from engine import checkpoint_io, distributed, logs, trainer
 from engine.config import COMMON_DEFAULTS, ConfigError, get_parser
-from models.albef import ALBEFConfig
-from models.checkpoint import load_weights, read_state_dict
-from models.model_retrieval import ALBEFRetrieval
-from models.retrieval_eval import evaluate_retrieval
-from models.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # torch, the models and the data are imported inside the functions: --help stays fast
+    import torch
+
+    from dataset import RetrievalEvalDataset
+    from models.model_retrieval import ALBEFRetrieval
+    from models.tokenizer import TextTokenizer
 
 logger = logging.getLogger("albef.retrieval")
 
@@ -90,6 +89,7 @@ def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device) -
 
 def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device) -> Callable:
     """``evaluate(model, dataset) -> metrics`` with the config's evaluation settings."""
+    from models.retrieval_eval import evaluate_retrieval
 
     def evaluate(model: torch.nn.Module, dataset: RetrievalEvalDataset) -> dict[str, float]:
         return evaluate_retrieval(
@@ -103,6 +103,8 @@ def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device)
 
 def eval_datasets(config: dict) -> dict[str, RetrievalEvalDataset]:
     """The configured val / test splits (absent ones are skipped)."""
+    from dataset import RetrievalEvalDataset, build_transform
+
     transform = build_transform("test", config["image_res"])
     return {split: RetrievalEvalDataset(config[f"{split}_file"], transform, config["image_root"], config["max_words"])
             for split in ("val", "test") if config[f"{split}_file"]}
@@ -113,11 +115,15 @@ def prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
 
 
 def write_results(output_dir: str, results: dict) -> None:
-    """Append one line to ``log.txt`` and write ``result/retrieval_metrics.json`` (rank 0)."""
+    """Write ``result/retrieval_metrics.json`` (rank 0); ``--evaluate`` results also make the one line of
+    ``log.txt`` (a training run's ``log.txt`` keeps one line per epoch, all of one shape)."""
+    from engine import distributed, logs
+
     line = {k: v for k, v in results.items() if not isinstance(v, dict)}
     for split in ("val", "test"):
         line.update(prefixed(split, results.get(split, {})))
-    logs.append_jsonl(os.path.join(output_dir, "log.txt"), line)
+    if results.get("mode") == "evaluate":
+        logs.append_jsonl(os.path.join(output_dir, "log.txt"), line)
     if distributed.is_main_process():
         os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
         with open(os.path.join(output_dir, "result", "retrieval_metrics.json"), "w", encoding="utf-8") as f:
@@ -128,6 +134,8 @@ def write_results(output_dir: str, results: dict) -> None:
 def run_evaluation(model: ALBEFRetrieval, args: Any, splits: dict, evaluate: Callable,
                    device: torch.device) -> dict:
     """``--evaluate``: the ``--checkpoint`` weights on val and test."""
+    from models.checkpoint import load_weights, read_state_dict
+
     if args.checkpoint:
         state, ckpt = read_state_dict(args.checkpoint)
         saved = ckpt.get("config")
@@ -149,6 +157,9 @@ def run_evaluation(model: ALBEFRetrieval, args: Any, splits: dict, evaluate: Cal
 def run_training(model: ALBEFRetrieval, args: Any, config: dict, splits: dict, evaluate: Callable,
                  tokenizer: TextTokenizer, device: torch.device) -> dict:
     """Fine-tune with ``trainer.fit`` (val each epoch), then evaluate the best checkpoint on test."""
+    from dataset import RetrievalTrainDataset, build_transform, create_loader
+    from engine import checkpoint_io, distributed, trainer
+
     trainer.check_itm_batch(config["batch_size_train"], "batch_size_train")
     transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                 randaug=config["randaug"])
@@ -183,6 +194,11 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, splits: dict, e
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate; returns the results written to ``retrieval_metrics.json``."""
     args = get_parser(__doc__).parse_args(argv)
+    from engine import distributed, trainer
+    from models.albef import ALBEFConfig
+    from models.model_retrieval import ALBEFRetrieval
+    from models.tokenizer import TextTokenizer
+
     config, device = trainer.setup_run(args, DEFAULTS)
     check_config(config)
     tokenizer = TextTokenizer(args.text_encoder)
@@ -199,4 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(trainer.run_main(main))
+    get_parser(__doc__).parse_args()  # --help and usage errors answer before torch is imported
+    from engine.trainer import run_main
+
+    sys.exit(run_main(main))

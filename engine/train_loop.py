@@ -97,7 +97,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
                     grad_clip: float = 0.0, start_step: int = 0,
                     on_step: Callable[[int, int], None] | None = None, nonfinite: str = "stop",
                     max_skipped: int = -1, skip_counter: dict | None = None,
-                    log_every: int = 50, step_offset: int | None = None,
+                    log_every: int = 50, metrics: MetricAccumulator | None = None, step_offset: int | None = None,
                     epoch_fraction: Callable[[int], float] | None = None) -> dict[str, float]:
     """Train ``model`` for one epoch (from iteration ``start_step``) and return the mean losses and 'lr'.
 
@@ -113,6 +113,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
     iteration ``i`` for the alpha ramp (default ``i / num_steps``; a resume under another batch size passes it).
     Ranks agree on every step (:func:`_agree_across_ranks`): a batch left empty on one rank skips the step on
     all, and a short batch weighs its rank's gradient by its share of the global batch.
+    ``metrics``: the accumulator of the epoch's running means (a resumed epoch passes the one
+    restored from its checkpoint, so that the returned means cover the whole epoch).
     """
     if nonfinite not in ("stop", "skip"):
         raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
@@ -125,7 +127,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
     counter.setdefault("skipped", 0)
     counter.setdefault("nonfinite", 0)
     num_steps = start_step + len(loader)  # a resumed loader yields only the remaining batches
-    metrics = MetricAccumulator()
+    metrics = MetricAccumulator() if metrics is None else metrics
     model.train()
     # to a terminal: live; to a file (nohup, a cluster job's log): one line a minute, not ten a second
     interval = 0.1 if sys.stderr.isatty() else 60.0

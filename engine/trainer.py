@@ -7,6 +7,8 @@ import argparse
 import json
 import logging
 import os
+import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,9 +16,11 @@ import torch
 import torch.distributed as dist
 
 import utils
+from engine import run_state, signals
 from engine.checkpoint_io import (
     CheckpointError,
     checkpoint_name,
+    link_best,
     load_checkpoint_file,
     load_latest_checkpoint,
     save_checkpoint,
@@ -24,13 +28,23 @@ from engine.checkpoint_io import (
 from engine.config import ConfigError, load_config, save_config
 from engine.distributed import (
     barrier,
+    broadcast_object,
     get_rank,
     get_world_size,
     init_distributed_mode,
     is_dist_initialized,
     is_main_process,
 )
-from engine.logs import append_jsonl, setup_logging
+from engine.logs import (
+    MetricAccumulator,
+    append_jsonl,
+    count_parameters,
+    log_run_info,
+    peak_memory_mb,
+    resume_command,
+    round32,
+    setup_logging,
+)
 from engine.train_loop import NonFiniteLossError, SkippedImagesError, train_one_epoch
 
 logger = logging.getLogger(__name__)
@@ -43,12 +57,15 @@ def setup_run(args: argparse.Namespace, defaults: dict) -> tuple[dict, torch.dev
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     init_distributed_mode(args)
     config = load_config(args.config, defaults, args.override)
+    run_state.check_output_dir_use(args)
     _check_output_dir(args.output_dir)
     setup_logging(args.output_dir, get_rank())
     device = torch.device(args.device)
     if device.type == "cuda" and args.distributed:
         device = torch.device("cuda", args.gpu)
-    if config.get("toy_world"):
+    log_run_info(args, device, logger)
+    run_state.startup_warnings(args, config)
+    if _uses_toy_world(config):
         if is_main_process() and not os.path.isfile(os.path.join(config["toy_world"], "manifest.json")):
             from dataset.toy_world import ensure_toy_world
             ensure_toy_world(config["toy_world"])
@@ -64,6 +81,19 @@ def setup_run(args: argparse.Namespace, defaults: dict) -> tuple[dict, torch.dev
         if config.get("queue_size"):
             describe_queue(config["queue_size"], batch * get_world_size())
     return config, device
+
+
+def _uses_toy_world(config: dict) -> bool:
+    """Whether any configured data file or folder (``*_file``, ``*_root``) lies in the ``toy_world`` folder."""
+    world = config.get("toy_world")
+    if not world:
+        return False
+    world = os.path.abspath(world)
+    paths = []
+    for key, value in config.items():
+        if key.endswith(("_file", "_root")):
+            paths += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v]
+    return any(os.path.commonpath([world, os.path.abspath(p)]) == world for p in paths)
 
 
 def _check_image_root(config: dict, source: str) -> None:
@@ -127,8 +157,9 @@ def _training_state(model: torch.nn.Module, optimizer: Any, scheduler: Any, scal
 
 
 def _resume(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-            scaler: Any) -> tuple[int, int, dict]:
-    """Restore a checkpoint; returns (start epoch, start step, saved extras)."""
+            scaler: Any, config: dict | None = None) -> tuple[int, int, dict]:
+    """Restore a checkpoint; returns (start epoch, start step, saved extras). A config that differs from the
+    checkpoint's is logged key by key; model sizes cannot change (``ConfigError``)."""
     if args.resume == "latest":
         found = load_latest_checkpoint(args.output_dir)
         if found is None:
@@ -137,6 +168,8 @@ def _resume(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, sc
         state, path = found
     else:
         state, path = load_checkpoint_file(args.resume), args.resume
+    if config is not None:
+        run_state.check_resume_config(state.get("config"), config, path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["lr_scheduler"])
@@ -173,76 +206,158 @@ def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, ar
     scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
     start_epoch, start_step, extra = 0, 0, {"best": None, "skipped": 0}
     if args.resume:
-        start_epoch, start_step, saved = _resume(args, model, optimizer, scheduler, scaler)
+        start_epoch, start_step, saved = _resume(args, model, optimizer, scheduler, scaler, config)
         extra.update(saved)
     elif args.checkpoint:
         load_weights(model, args.checkpoint)
+    logger.info("parameters: %d in all, %d trainable", *count_parameters(model))
     train_model = wrap_model(model, config, device)
     counter = {"skipped": extra["skipped"], "nonfinite": 0}
-    log_path = os.path.join(args.output_dir, "log.txt")
-    batch_size = loader.batch_size
-    record: dict = {}
+    batch_size, epochs = loader.batch_size, config["schedular"]["epochs"]
+    finish = _EpochEnd(model, args, extra, evaluate, score)
+    record = finish.after_resume(start_epoch, start_step)
+    if start_epoch >= epochs:
+        logger.info("the run in %s is complete (%d of %d epochs): nothing left to train", args.output_dir,
+                    start_epoch, epochs)
+        return record
+    metrics = MetricAccumulator()  # the epoch's running sums: a mid-epoch checkpoint carries them
+    if start_step and extra.get("metrics"):
+        metrics.load_state_dict(extra["metrics"])
+    clock = {"start": time.perf_counter(), "before": extra.get("train_seconds") or 0.0 if start_step else 0.0}
+
+    def save(epoch: int, step: int | None) -> str:
+        extra["skipped"] = counter["skipped"]
+        extra["metrics"] = None if step is None else metrics.state_dict()
+        extra["train_seconds"] = None if step is None else clock["before"] + time.perf_counter() - clock["start"]
+        state = _training_state(model, optimizer, scheduler, scaler, config, epoch, step, {"extra": extra})
+        return save_checkpoint(state, args.output_dir, checkpoint_name(epoch, step), config["keep_last"])
 
     def checkpoint_mid_epoch(epoch: int, step: int) -> None:
+        if step >= steps_per_epoch:
+            return  # the epoch's own checkpoint follows
         every = config["save_every"]
-        if every > 0 and step % every == 0 and step < steps_per_epoch:
-            extra["skipped"] = counter["skipped"]
-            state = _training_state(model, optimizer, scheduler, scaler, config, epoch, step, {"extra": extra})
-            save_checkpoint(state, args.output_dir, checkpoint_name(epoch, step), config["keep_last"])
+        path = save(epoch, step) if every > 0 and step % every == 0 else None
+        if signals.stop_requested():
+            raise signals.RunInterrupted(_stop_message(args, path or save(epoch, step), epoch, step))
 
-    for epoch in range(start_epoch, config["schedular"]["epochs"]):
-        loader.sampler.set_epoch(epoch)
-        steps_per_epoch = len(loader)
-        loader.sampler.set_start(start_step * batch_size)
-        stats = train_one_epoch(
-            train_model, loader, optimizer, scheduler, epoch, step_fn, device=device, alpha=config["alpha"],
-            warm_up=config["warm_up"], amp=config["amp"], scaler=scaler, grad_clip=config["grad_clip"],
-            start_step=start_step, on_step=checkpoint_mid_epoch, nonfinite=config["nonfinite"],
-            max_skipped=config["max_skipped_images"], skip_counter=counter, log_every=config["log_every"])
-        start_step = 0
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
-                  "skipped_images": counter["skipped"]}
-        if evaluate is not None:
-            record.update(evaluate(_unwrap(model), epoch))
-            if score is not None:
-                if score not in record:
-                    raise KeyError(f"the evaluator returned no {score!r} (it returned {sorted(record)})")
-                record["score"] = record[score]
-        extra["skipped"] = counter["skipped"]
-        _save_epoch(model, optimizer, scheduler, scaler, config, epoch, extra, record, args.output_dir)
-        append_jsonl(log_path, record)
-        logger.info("epoch %d: %s", epoch, json.dumps(record))
-        barrier()
+    with signals.deferred():
+        for epoch in range(start_epoch, epochs):
+            loader.sampler.set_epoch(epoch)
+            steps_per_epoch = len(loader)
+            loader.sampler.set_start(start_step * batch_size)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            stats = train_one_epoch(
+                train_model, loader, optimizer, scheduler, epoch, step_fn, device=device, alpha=config["alpha"],
+                warm_up=config["warm_up"], amp=config["amp"], scaler=scaler, grad_clip=config["grad_clip"],
+                start_step=start_step, on_step=checkpoint_mid_epoch, nonfinite=config["nonfinite"],
+                max_skipped=config["max_skipped_images"], skip_counter=counter, log_every=config["log_every"],
+                metrics=metrics)
+            start_step = 0
+            seconds = clock["before"] + time.perf_counter() - clock["start"]
+            extra["record"] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
+                               "skipped_images": counter["skipped"], "epoch_seconds": seconds,
+                               "samples_per_s": steps_per_epoch * batch_size * get_world_size() / max(seconds, 1e-9),
+                               "peak_mem_mb": peak_memory_mb(device)}
+            path = save(epoch, None)  # before evaluation: a failing evaluation cannot lose the epoch
+            if signals.stop_requested():
+                raise signals.RunInterrupted(_stop_message(args, path, epoch, None))
+            record = finish(epoch, extra["record"], path)
+            metrics, clock = MetricAccumulator(), {"start": time.perf_counter(), "before": 0.0}
     return record
 
 
-def _save_epoch(model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any, config: dict, epoch: int,
-                extra: dict, record: dict, output_dir: str) -> None:
-    score = record.get("score")
-    is_best = score is not None and (extra.get("best") is None or score > extra["best"])
-    if is_best:
-        extra["best"] = score
-        record["best_epoch"] = epoch
-    state = _training_state(model, optimizer, scheduler, scaler, config, epoch, None, {"extra": extra})
-    save_checkpoint(state, output_dir, checkpoint_name(epoch), config["keep_last"])
-    if is_best:
-        save_checkpoint(state, output_dir, "checkpoint_best.pth", keep_last=0)
+def _stop_message(args: argparse.Namespace, path: str, epoch: int, step: int | None) -> str:
+    where = f"at epoch {epoch}, iteration {step}" if step is not None else f"after epoch {epoch} (its evaluation " \
+        "runs on resume)"
+    return f"stopped by {signals.requested_signal()} {where}; saved {path}; resume with: {resume_command(args)}"
+
+
+class _EpochEnd:
+    """What follows an epoch's checkpoint: evaluation (a signal stops it at once; the training random streams are
+    left as they were), the ``checkpoint_best.pth`` link, and the epoch's ``log.txt`` line."""
+
+    def __init__(self, model: torch.nn.Module, args: argparse.Namespace, extra: dict,
+                 evaluate: Callable[[torch.nn.Module, int], dict] | None, score: str | None) -> None:
+        self.model, self.args, self.extra, self.evaluate, self.score = model, args, extra, evaluate, score
+        self.log_path = os.path.join(args.output_dir, "log.txt")
+
+    def after_resume(self, start_epoch: int, start_step: int) -> dict:
+        """Recover the best score from ``log.txt``, evaluate and log an epoch whose checkpoint was written but
+        whose line was not (a stop or crash in evaluation); returns the last epoch's record ({} if none)."""
+        logged = broadcast_object(run_state.logged_epochs(self.log_path) if is_main_process() else None)
+        logged = {e: r for e, r in logged.items() if e < start_epoch}
+        best, best_epoch = run_state.best_in_log(logged)
+        if best is not None:
+            self.extra["best"], self.extra["best_epoch"] = best, best_epoch
+        last = start_epoch - 1
+        pending = self.extra.get("record")
+        if start_step == 0 and last >= 0 and last not in logged and pending and pending.get("epoch") == last:
+            logger.info("epoch %d was saved but not evaluated and logged: doing it now", last)
+            return self(last, pending, os.path.join(self.args.output_dir, checkpoint_name(last)))
+        return logged[max(logged)] if logged else {}
+
+    def __call__(self, epoch: int, record: dict, path: str) -> dict:
+        record = dict(record)
+        if self.evaluate is not None:
+            rng, start = utils.get_rng_state(), time.perf_counter()
+            try:
+                with signals.immediate():
+                    record.update(self.evaluate(_unwrap(self.model), epoch))
+            except signals.ForcedStop as stop:
+                raise signals.RunInterrupted(
+                    f"stopped by {signal.Signals(stop.signum).name} during the evaluation of epoch {epoch}; {path} "
+                    f"was saved before it; resume (the evaluation runs first) with: {resume_command(self.args)}"
+                ) from None
+            utils.set_rng_state(rng)
+            record["eval_seconds"] = time.perf_counter() - start
+        if self.score is not None:
+            if self.score not in record:
+                raise KeyError(f"the evaluator returned no {self.score!r} (it returned {sorted(record)})")
+            record["score"] = record[self.score]
+            if self.extra.get("best") is None or record["score"] > self.extra["best"]:
+                self.extra["best"], self.extra["best_epoch"] = record["score"], epoch
+                if os.path.isfile(path):
+                    link_best(self.args.output_dir, os.path.basename(path))
+            record["best_epoch"] = self.extra["best_epoch"]
+        record = round32(record)
+        append_jsonl(self.log_path, record)
+        logger.info("epoch %d: %s", epoch, json.dumps(record))
+        barrier()
+        return record
+
+
+def _ensure_log_handlers() -> None:
+    if not logging.getLogger().handlers:  # the failure came before setup_logging
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
 def run_main(main: Callable[[], Any]) -> int:
     """Run an entry point; expected failures (bad config, data, checkpoint, non-finite loss) end in one
-    clear logged message and exit code 2 instead of a traceback. ``ALBEF_DEBUG=1`` re-raises."""
+    clear logged message and exit code 2 instead of a traceback. ``ALBEF_DEBUG=1`` re-raises.
+
+    SIGINT / SIGTERM (``engine.signals``): a run stopped at a step boundary logs the ``--resume`` command and
+    returns ``EXIT_INTERRUPTED`` (75); a second signal, or one before training starts, returns 128 + its number.
+    """
     from dataset import DataError, ImageLoadError
 
     expected = (ConfigError, DataError, ImageLoadError, CheckpointError, NonFiniteLossError, FileNotFoundError,
                 SkippedImagesError)
     try:
-        main()
+        with signals.handled():
+            main()
+    except signals.RunInterrupted as exc:
+        _ensure_log_handlers()
+        logger.warning("%s", exc)
+        return signals.EXIT_INTERRUPTED
+    except signals.ForcedStop as exc:
+        _ensure_log_handlers()
+        logger.error("%s", exc)
+        return 128 + exc.signum
     except expected as exc:
         if os.environ.get("ALBEF_DEBUG"):
             raise
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO)
+        _ensure_log_handlers()
         logger.error("%s: %s", type(exc).__name__, exc)
         return 2
     finally:

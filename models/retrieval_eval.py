@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dataset import RetrievalEvalDataset, create_loader
+from dataset import DataError, RetrievalEvalDataset, create_loader
 from engine import distributed
 from models.bert import CLS, extended_mask
 from models.tokenizer import TextTokenizer
@@ -91,14 +91,15 @@ def encode_images(model: nn.Module, dataset: RetrievalEvalDataset, device: torch
                   num_workers: int = 0, amp: str = "bf16") -> tuple[Tensor, Tensor]:
     """Every image of ``dataset`` once (no distributed padding) -> tokens (N, S, D), features (N, E).
 
-    Unreadable images keep all-zero rows, with a warning.
+    Unreadable images keep all-zero rows, with a warning; a batch of them only is skipped. Their number is
+    ``model.last_unreadable_images`` afterwards (0 when all were read).
     """
     loader = create_loader(dataset, batch_size, num_workers, shuffle=False, seed=0, drop_last=False)
     n = len(dataset)
     embeds = feats = None
     seen = torch.zeros(n, dtype=torch.bool)
     for batch in loader:
-        if batch is None:
+        if batch is None or len(batch) == 1:  # (dropped count,) alone: every image of the batch unreadable
             continue
         image, index, _ = batch
         with _autocast(device, amp):
@@ -110,11 +111,17 @@ def encode_images(model: nn.Module, dataset: RetrievalEvalDataset, device: torch
         feats[index.to(device)] = image_feat.float()
         seen[index] = True
     if embeds is None:
-        raise RuntimeError("no readable image in the evaluation set")
-    if not bool(seen.all()):
-        logger.warning("%d of %d evaluation images were unreadable: their features are zero",
-                       int((~seen).sum()), n)
+        raise DataError(f"no readable image among the {n} of the evaluation set (image_root and the paths in "
+                        "val_file / test_file?)")
+    unreadable = int((~seen).sum())
+    if unreadable:
+        logger.warning("%d of %d evaluation images were unreadable: their features are zero", unreadable, n)
+    _set_unreadable(model, unreadable)
     return embeds, feats
+
+
+def _set_unreadable(model: nn.Module, count: int) -> None:
+    object.__setattr__(model, "last_unreadable_images", count)  # a plain attribute, not a module buffer
 
 
 def encode_dataset(model: nn.Module, dataset: RetrievalEvalDataset, tokenizer: TextTokenizer,
@@ -383,6 +390,9 @@ def evaluate_retrieval(model: nn.Module, dataset: RetrievalEvalDataset, tokenize
     i2t, t2i = rank_all(model, feats, k_test, score, rerank_batch, amp)
     txt2img = torch.tensor([dataset.txt2img[t] for t in range(len(dataset.text))], dtype=torch.long)
     metrics = recall_metrics(i2t, t2i, txt2img)
+    # how much was evaluated: every text, and every image but the unreadable ones (zero features)
+    metrics.update(images=len(dataset), texts=len(dataset.text),
+                   unreadable_images=getattr(model, "last_unreadable_images", 0))
     model.train(was_training)
     logger.info("retrieval eval: %d images, %d texts, k_test %d, encode %.1fs, rank %.1fs", len(dataset),
                 len(dataset.text), k_test, encoded - start, time.perf_counter() - encoded)
