@@ -30,6 +30,7 @@ the JSON path; a missing shard file is a :class:`DataError` naming it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
@@ -47,6 +48,7 @@ from dataset.shard_io import (
     has_shards,
     make_example,
     mix_seed,
+    preserved_rngs,
     read_unit,
 )
 from dataset.validate import DataError
@@ -162,14 +164,15 @@ class ShardStream(IterableDataset):
         stream = self.rank * self.workers + worker
         first = emitted // self.shuffle_buffer * self.shuffle_buffer
         raw = self._raw(self.epoch, self.stream_offset(worker) + first, quota - first)
-        batch: list = []
-        for pos, sample in self._blocks(raw, quota, emitted, stream):
-            example = make_example(sample, self.transform, self.max_words,
-                                   mix_seed(self.seed, self.epoch, stream, pos))
-            batch.append(example if example is None or self.return_keys else example[:2])
-            if len(batch) == self.batch_size:
-                yield collate_skip_none(batch)
-                batch = []
+        samples = self._blocks(raw, quota, emitted, stream)
+        # in the training process (num_workers=0) each batch is made between saving and restoring its RNGs
+        guard = preserved_rngs if info is None else contextlib.nullcontext
+        for _ in range((quota - emitted) // self.batch_size):
+            with guard():
+                batch = [make_example(sample, self.transform, self.max_words,
+                                      mix_seed(self.seed, self.epoch, stream, pos))
+                         for pos, sample in itertools.islice(samples, self.batch_size)]
+            yield collate_skip_none([e if e is None or self.return_keys else e[:2] for e in batch])
 
 
 def _identity(batch: Any) -> Any:
