@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     python scripts/visualize.py --config configs/toy/Grounding.yaml \\
         --checkpoint output/toy_grounding/checkpoint_best.pth --image data/toy/images/test/00003.png \\
-        --text "the red circle above the blue square" --output_dir docs/gradcam
+        --text "the circle above the purple diamond" --output_dir output/gradcam
 
 writes ``sentence.png`` (the sentence-level map over the image), ``word_NN_<token>.png`` (one per text token,
 the same Grad-CAM restricted to that token; ``itm`` mode only) and ``grid.png`` (the image, the sentence map and
