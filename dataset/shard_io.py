@@ -166,14 +166,24 @@ def build_units(train_file: str | Sequence[str]) -> tuple[list[Unit], list[list[
     return units, json_items
 
 
+def spec_sample_count(spec: str) -> int:
+    """Samples in all shards of one shard spec.
+
+    Raises:
+        DataError: a shard is missing (naming it) or its count cannot be read.
+    """
+    urls = expand_shard_spec(spec)
+    total = sum(shard_sample_count(u) for u in urls)
+    logger.info("%s: %d shards, %d samples", spec, len(urls), total)
+    return total
+
+
 def shard_problems(spec: str) -> list[str]:
     """Problems with one shard spec (for ``validate_config_files``); empty when usable."""
     try:
-        urls = expand_shard_spec(spec)
-        total = sum(shard_sample_count(u) for u in urls)
+        spec_sample_count(spec)
     except DataError as err:
         return [f"{spec}: {err}"]
-    logger.info("%s: %d shards, %d samples", spec, len(urls), total)
     return []
 
 
