@@ -102,12 +102,16 @@ def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device)
 
 
 def eval_datasets(config: dict) -> dict[str, RetrievalEvalDataset]:
-    """The configured val / test splits (absent ones are skipped)."""
+    """The configured val / test splits (absent ones are skipped); missing image files are reported now."""
     from dataset import RetrievalEvalDataset, build_transform
+    from dataset.validate import report_missing_images
 
     transform = build_transform("test", config["image_res"])
-    return {split: RetrievalEvalDataset(config[f"{split}_file"], transform, config["image_root"], config["max_words"])
-            for split in ("val", "test") if config[f"{split}_file"]}
+    splits = {split: RetrievalEvalDataset(config[f"{split}_file"], transform, config["image_root"],
+                                          config["max_words"]) for split in ("val", "test") if config[f"{split}_file"]}
+    for split, dataset in splits.items():
+        report_missing_images(config[f"{split}_file"], dataset.ann, config["image_root"])
+    return splits
 
 
 def prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -141,6 +141,10 @@ def _install(tmp: Path, root: Path, params: dict[str, int]) -> None:
                 raise
 
 
+# The project's data folder: where the shipped toy configs expect the world (engine.config.resolve_path).
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "data" / "toy"
+
+
 def ensure_toy_world(
     root: str,
     seed: int = 0,
@@ -182,7 +186,8 @@ def ensure_toy_world(
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description="Generate the offline ALBEF toy world.")
-    parser.add_argument("--root", default="data/toy")
+    parser.add_argument("--root", default=str(DEFAULT_ROOT),
+                        help="where to write it (default: the project's data/toy, wherever this is started)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n_train", type=int, default=3000)
     parser.add_argument("--n_val", type=int, default=200)

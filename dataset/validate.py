@@ -32,6 +32,9 @@ GROUNDING_TEST_SCHEMA: dict[str, TypeSpec] = {"image": str, "text": str, "ref_id
 
 # How many unreadable images are listed per file before summarising.
 _MAX_LISTED_IMAGES = 20
+# Items whose text is empty after cleaning (punctuation only) are skipped and counted, like unreadable images;
+# a file with more of them than this stops the run (something is wrong with the file, not with a few items).
+MAX_EMPTY_TEXTS = 1000
 
 
 class DataError(ValueError):
@@ -66,7 +69,7 @@ def read_json(path: str) -> Any:
     if not os.path.isfile(path):
         raise DataError(f"{path}: annotation file not found")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a UTF-8 byte-order mark (Windows editors) is dropped
             return json.load(f)
     except json.JSONDecodeError as err:
         raise DataError(
@@ -81,7 +84,7 @@ def read_json(path: str) -> Any:
 
 
 def _check_text(path: str, index: int, key: str, value: Any) -> None:
-    """A caption (str or list of str) must be non-empty after ``pre_caption``."""
+    """A caption is a str or a non-empty list of str (emptiness after cleaning: ``_drop_empty_texts``)."""
     texts = value if isinstance(value, list) else [value]
     if isinstance(value, list) and not value:
         raise DataError(f"{_where(path, index, key)}: empty caption list")
@@ -91,11 +94,28 @@ def _check_text(path: str, index: int, key: str, value: Any) -> None:
             raise DataError(
                 f"{_where(path, index, sub)}: expected str, got {type(text).__name__}"
             )
-        if not pre_caption(text).strip():
-            raise DataError(
-                f"{_where(path, index, sub)}: caption is empty after cleaning "
-                f"(raw value {text[:60]!r})"
-            )
+
+
+def _drop_empty_texts(item: dict, keys: Sequence[str]) -> tuple[dict | None, list[tuple[str, str]]]:
+    """``item`` without the captions that ``pre_caption`` leaves empty, or None when a key keeps none.
+
+    Returns (item or None, [(key or key[j], raw text) dropped]); the item is copied only when changed.
+    """
+    dropped: list[tuple[str, str]] = []
+    out = item
+    for key in keys:
+        value = item[key]
+        if isinstance(value, str):
+            if not pre_caption(value).strip():
+                return None, [*dropped, (key, value)]
+            continue
+        kept = [t for t in value if pre_caption(t).strip()]
+        dropped += [(f"{key}[{j}]", t) for j, t in enumerate(value) if not pre_caption(t).strip()]
+        if not kept:
+            return None, dropped
+        if len(kept) < len(value):
+            out = {**out, key: kept}
+    return out, dropped
 
 
 def _check_item(
@@ -132,17 +152,21 @@ def load_annotations(
     path: str,
     required: Mapping[str, TypeSpec],
     text_keys: Sequence[str] = ("caption",),
+    max_empty: int = MAX_EMPTY_TEXTS,
 ) -> list[dict]:
-    """Load a JSON annotation file and validate every item.
+    """Load a JSON annotation file (UTF-8, with or without a byte-order mark) and validate every item.
 
     Args:
         path: JSON file holding a list of dicts.
         required: key -> allowed type(s) every item must have; extra keys are allowed.
-        text_keys: required keys holding captions (str or list of str) that must
-            not be empty after ``pre_caption``.
+        text_keys: required keys holding captions (str or list of str). Captions that
+            ``pre_caption`` leaves empty (punctuation only) are dropped, and items left
+            without one are skipped: counted in one warning line, like unreadable images.
+        max_empty: more such captions than this (or no usable item at all) is a
+            ``DataError`` (-1: no limit).
 
     Returns:
-        The list of items.
+        The list of usable items (copies where captions were dropped).
 
     Raises:
         DataError: naming the file (and item index and key) on any problem.
@@ -152,10 +176,37 @@ def load_annotations(
         raise DataError(
             f"{path}: top level must be a JSON list of items, got {type(data).__name__}"
         )
+    keys = [k for k in text_keys if k in required]
+    kept: list[dict] = []
+    empty: list[tuple[int, str, str]] = []  # (item index, key, raw text) of captions empty after cleaning
     for index, item in enumerate(data):
         _check_item(path, index, item, required, text_keys)
-    logger.debug("%s: %d items valid", path, len(data))
-    return data
+        cleaned, dropped = _drop_empty_texts(item, keys)
+        empty += [(index, key, raw) for key, raw in dropped]
+        if cleaned is not None:
+            kept.append(cleaned)
+    if empty:
+        _report_empty_texts(path, empty, len(data) - len(kept), len(kept), max_empty)
+    if required is RETRIEVAL_EVAL_SCHEMA:
+        report_duplicate_images(path, data)
+    logger.debug("%s: %d items valid", path, len(kept))
+    return kept
+
+
+def _report_empty_texts(path: str, empty: list[tuple[int, str, str]], skipped: int, kept: int,
+                        max_empty: int) -> None:
+    """One warning line for captions left empty by cleaning; ``DataError`` when none or too few remain."""
+    index, key, raw = empty[0]
+    first = f"{_where(path, index, key)}: caption is empty after cleaning (raw value {raw[:60]!r})"
+    if not kept:
+        raise DataError(f"{first}; no item of the file has a usable caption")
+    if 0 <= max_empty < len(empty):
+        raise DataError(f"{first}; {len(empty)} such captions in the file, more than the {max_empty} "
+                        "allowed: check how the file was written")
+    listed = ", ".join(f"item {i} {raw[:20]!r}" for i, _, raw in empty[:5])
+    more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+    logger.warning("%s: %d caption(s) empty after cleaning skipped (%s%s); %d item(s) left without a caption "
+                   "skipped", path, len(empty), listed, more, skipped)
 
 
 def load_annotation_files(
@@ -169,7 +220,55 @@ def load_annotation_files(
     items: list[dict] = []
     for path in paths:
         items.extend(load_annotations(path, required, text_keys))
+    if "image_id" in required:
+        report_mixed_ids(", ".join(paths), items)
     return items
+
+
+def report_mixed_ids(where: str, items: list[dict], key: str = "image_id") -> bool:
+    """Warn (one line) when ``key`` values mix types: ``0`` and ``"0"`` are different images to the dataset, so
+    captions of one picture would not count as each other's positives. Returns whether they were mixed."""
+    by_type: dict[str, list[Any]] = {}
+    for item in items:
+        by_type.setdefault(type(item[key]).__name__, []).append(item[key])
+    if len(by_type) < 2:
+        return False
+    names = {str(v) for v in by_type.get("str", [])}
+    clashes = sorted({repr(v) for t, vs in by_type.items() if t != "str" for v in vs if str(v) in names})
+    example = f"; {clashes[0]} and '{clashes[0]}' both occur and count as two images" if clashes else ""
+    logger.warning("%s: %s values mix types (%s)%s: write every id the same way", where, key,
+                   ", ".join(f"{len(vs)} {t}" for t, vs in sorted(by_type.items())), example)
+    return True
+
+
+def report_duplicate_images(path: str, items: list[dict]) -> int:
+    """Warn (one line) when an evaluation file lists an image in several items: each copy becomes a separate
+    candidate and the texts of one copy count only that copy as correct, so recalls come out lower. Returns the
+    number of repeated items."""
+    seen: dict[str, int] = {}
+    repeats: list[tuple[int, int, str]] = []  # (item, first item, image)
+    for index, item in enumerate(items):
+        first = seen.setdefault(item["image"], index)
+        if first != index:
+            repeats.append((index, first, item["image"]))
+    if repeats:
+        index, first, image = repeats[0]
+        logger.warning("%s: %d item(s) repeat an image listed before (item %d repeats item %d, %r): each copy is a "
+                       "separate candidate in retrieval, which lowers the recalls; merge their captions",
+                       path, len(repeats), index, first, image)
+    return len(repeats)
+
+
+def report_missing_images(path: str, items: list[dict], image_root: str) -> int:
+    """Warn (one line) about image files of ``items`` that do not exist: a cheap check (no decoding) run before
+    training, so that a wrong ``image_root`` for val/test shows at start-up rather than after an epoch. Returns
+    the number of missing files (they are skipped and counted when evaluated)."""
+    images = dict.fromkeys(os.path.join(image_root, it["image"]) for it in items)
+    missing = [p for p in images if not os.path.isfile(p)]
+    if missing:
+        logger.warning("%s: %d of %d image files do not exist (first: %s); they will be skipped and counted",
+                       path, len(missing), len(images), missing[0])
+    return len(missing)
 
 
 def _check_images(path: str, items: list[dict], image_root: str) -> list[str]:
@@ -246,12 +345,16 @@ def annotation_problems(
     if not isinstance(data, list):
         return [], [f"{path}: top level must be a JSON list of items, got {type(data).__name__}"]
     items, problems = [], []
+    keys = [k for k in text_keys if k in required]
     for index, item in enumerate(data):
         try:
             _check_item(path, index, item, required, text_keys)
-            items.append(item)
         except DataError as err:
             problems.append(str(err))
+            continue
+        cleaned, _ = _drop_empty_texts(item, keys)  # as load_annotations: skipped, not a problem
+        if cleaned is not None:
+            items.append(cleaned)
     if len(problems) > limit:
         problems = [*problems[:limit], f"{path}: ... and {len(problems) - limit} more problems "
                                        f"({len(problems)} of {len(data)} items)"]
@@ -264,7 +367,7 @@ def task_file_report(
     """Validate every annotation file of a task (all problems of each file, up to ``limit`` listed).
 
     Returns the valid items per split (``train``, ``val``, ``test``, from the ``<split>_file`` keys; shard specs
-    are checked but not counted) and the problems.
+    are checked but not counted, nor is a split with a file that could not be read) and the problems.
     """
     pairs, problems = _task_files(config, task)
     image_root = config.get("image_root") or ""
@@ -275,6 +378,7 @@ def task_file_report(
         for f in [value] if isinstance(value, str) else value or []:
             split_of[f] = key[: -len("_file")]
     sizes: dict[str, int] = {}
+    broken: set[str] = set()
     for path, schema in pairs:
         if schema is PRETRAIN_SCHEMA and not path.lower().endswith(".json"):
             from dataset.shard_io import shard_problems  # a WebDataset shard spec (dataset/shards.py)
@@ -284,11 +388,13 @@ def task_file_report(
         items, found = annotation_problems(path, schema, limit=limit)
         problems += found
         split = split_of.get(path, "train")
+        if found and not items:
+            broken.add(split)  # unreadable or no valid item: reported above, not counted as empty
         sizes[split] = sizes.get(split, 0) + len(items)
         logger.info("%s: %d valid items, %d problem(s)", path, len(items), len(found))
         if check_images:
             problems += _check_images(path, items, image_root)
-    return sizes, problems
+    return {split: n for split, n in sizes.items() if split not in broken}, problems
 
 
 def validate_config_files(
