@@ -15,8 +15,8 @@ autocast on CUDA. Work that does not depend on the pair is done once: the first 
 self-attention per text, every fusion layer's cross-attention keys and values per image; the last
 fusion layer runs for [CLS] alone (:func:`itm_logits_cached`). Under DDP each rank reranks a
 contiguous share of the queries and only the (query, k) candidate indices and scores are gathered.
-:func:`rerank_per_query` is the one-query-at-a-time reference (as the official code) for tests and
-``scripts/benchmark.py`` (``retrieval_eval``).
+``models.retrieval_reference.rerank_per_query`` is the one-query-at-a-time reference (as the official code)
+for tests and ``scripts/benchmark.py`` (``retrieval_eval``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Ranking:
     scores: Tensor
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+def eval_autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast on CUDA; nothing elsewhere or with ``amp='off'``."""
     if device.type != "cuda" or amp == "off":
         return contextlib.nullcontext()
@@ -78,7 +78,7 @@ def encode_texts(model: nn.Module, texts: list[str], tokenizer: TextTokenizer, d
     embeds, atts, feats = [], [], []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start:start + batch_size], max_length=max_length, padding="max_length").to(device)
-        with _autocast(device, amp):
+        with eval_autocast(device, amp):
             text_embeds, text_feat = model.encode_text(batch.input_ids, batch.attention_mask)
         embeds.append(text_embeds)
         atts.append(batch.attention_mask)
@@ -102,7 +102,7 @@ def encode_images(model: nn.Module, dataset: RetrievalEvalDataset, device: torch
         if batch is None or len(batch) == 1:  # (dropped count,) alone: every image of the batch unreadable
             continue
         image, index, _ = batch
-        with _autocast(device, amp):
+        with eval_autocast(device, amp):
             image_embeds, image_feat = model.encode_image(image.to(device, non_blocking=True))
         if embeds is None:
             embeds = image_embeds.new_zeros((n, *image_embeds.shape[1:]))
@@ -246,7 +246,7 @@ def pair_scores(model: nn.Module, feats: RetrievalFeatures, img_idx: Tensor, txt
     per_group = _images_per_group(model, feats.image_embeds)
     pairs_per_batch = _pairs_per_batch(model, feats.image_embeds, batch_size)
     scores = []
-    with _autocast(feats.image_embeds.device, amp):
+    with eval_autocast(feats.image_embeds.device, amp):
         text_states = text_self_attention(model, feats.text_embeds[texts], feats.text_atts[texts], batch_size)
         for g in range(0, images.numel(), per_group):
             group = images[g:g + per_group]
@@ -257,12 +257,12 @@ def pair_scores(model: nn.Module, feats: RetrievalFeatures, img_idx: Tensor, txt
     return torch.cat(scores)[inverse]
 
 
-def _sorted(candidates: Tensor, scores: Tensor) -> Ranking:
+def sorted_ranking(candidates: Tensor, scores: Tensor) -> Ranking:
     order = scores.argsort(dim=1, descending=True, stable=True)
     return Ranking(candidates.gather(1, order), scores.gather(1, order))
 
 
-def _itc_only(feats: RetrievalFeatures, rows_i2t: tuple[int, int],
+def itc_only(feats: RetrievalFeatures, rows_i2t: tuple[int, int],
               rows_t2i: tuple[int, int]) -> tuple[Ranking, Ranking]:
     """ITC-only rankings, as deep as the largest recall K."""
     depth = max(RECALL_KS)
@@ -282,7 +282,7 @@ def rerank_batched(model: nn.Module, feats: RetrievalFeatures, k_test: int, scor
     rows_i2t = rows_i2t or (0, feats.image_feat.size(0))
     rows_t2i = rows_t2i or (0, feats.text_feat.size(0))
     if k_test <= 0:
-        return _itc_only(feats, rows_i2t, rows_t2i)
+        return itc_only(feats, rows_i2t, rows_t2i)
     sims_i2t, cand_i2t = itc_topk(feats.image_feat, feats.text_feat, k_test, rows_i2t)  # (n_i, k_i)
     sims_t2i, cand_t2i = itc_topk(feats.text_feat, feats.image_feat, k_test, rows_t2i)  # (n_t, k_t)
     device = cand_i2t.device
@@ -293,32 +293,7 @@ def rerank_batched(model: nn.Module, feats: RetrievalFeatures, k_test: int, scor
     s_i2t, s_t2i = scores[:queries_i.numel()].view_as(sims_i2t), scores[queries_i.numel():].view_as(sims_t2i)
     if score == "itm+itc":
         s_i2t, s_t2i = s_i2t + sims_i2t, s_t2i + sims_t2i
-    return _sorted(cand_i2t, s_i2t), _sorted(cand_t2i, s_t2i)
-
-
-@torch.no_grad()
-def rerank_per_query(model: nn.Module, feats: RetrievalFeatures, k_test: int, score: str = "itm",
-                     amp: str = "bf16") -> tuple[Ranking, Ranking]:
-    """Reference: the official loop, one query's k candidates per fusion call, full padding."""
-    if k_test <= 0:
-        return _itc_only(feats, (0, feats.image_feat.size(0)), (0, feats.text_feat.size(0)))
-    device = feats.image_embeds.device
-    out = []
-    for queries, keys, image_side in ((feats.image_feat, feats.text_feat, True),
-                                      (feats.text_feat, feats.image_feat, False)):
-        cands, scores = [], []
-        for q in range(queries.size(0)):
-            sims, cand = (queries[q:q + 1] @ keys.t()).squeeze(0).topk(min(k_test, keys.size(0)))
-            img = torch.full_like(cand, q) if image_side else cand
-            txt = cand if image_side else torch.full_like(cand, q)
-            with _autocast(device, amp):
-                logits = model.itm_logits(feats.text_embeds[txt], feats.text_atts[txt], feats.image_embeds[img],
-                                          cls_only=False)  # the official work: every token, last layer too
-            s = logits[:, 1].float()
-            scores.append(s + sims if score == "itm+itc" else s)
-            cands.append(cand)
-        out.append(_sorted(torch.stack(cands), torch.stack(scores)))
-    return out[0], out[1]
+    return sorted_ranking(cand_i2t, s_i2t), sorted_ranking(cand_t2i, s_t2i)
 
 
 # ------------------------------------------------------------------ distributed
@@ -357,8 +332,8 @@ def recall_metrics(i2t: Ranking, t2i: Ranking, txt2img: Tensor) -> dict[str, flo
 
 def metrics_from_scores(score_i2t: Tensor, score_t2i: Tensor, txt2img: Tensor) -> dict[str, float]:
     """R@K from dense score matrices (N_img, N_txt) and (N_txt, N_img), as the official ``itm_eval``."""
-    full = _sorted(torch.arange(score_i2t.size(1)).expand_as(score_i2t), score_i2t)
-    full_t = _sorted(torch.arange(score_t2i.size(1)).expand_as(score_t2i), score_t2i)
+    full = sorted_ranking(torch.arange(score_i2t.size(1)).expand_as(score_i2t), score_i2t)
+    full_t = sorted_ranking(torch.arange(score_t2i.size(1)).expand_as(score_t2i), score_t2i)
     return recall_metrics(full, full_t, txt2img)
 
 
@@ -397,52 +372,3 @@ def evaluate_retrieval(model: nn.Module, dataset: RetrievalEvalDataset, tokenize
     logger.info("retrieval eval: %d images, %d texts, k_test %d, encode %.1fs, rank %.1fs", len(dataset),
                 len(dataset.text), k_test, encoded - start, time.perf_counter() - encoded)
     return metrics
-
-
-def compare_rankings(ref: Ranking, other: Ranking) -> tuple[int, float]:
-    """Queries whose order differs, and the largest score difference of one (query, candidate) pair.
-
-    The difference is ``inf`` when the shortlists themselves differ. Orders that differ while the scores
-    agree to ~1e-7 are exact fp32 ties broken the other way (a random model scores many pairs alike).
-    """
-    differing = int((ref.indices != other.indices).any(dim=1).sum())
-    ref_idx, ref_pos = ref.indices.sort(dim=1)
-    other_idx, other_pos = other.indices.sort(dim=1)
-    if not torch.equal(ref_idx, other_idx):
-        return differing, float("inf")
-    diff = (ref.scores.gather(1, ref_pos) - other.scores.gather(1, other_pos)).abs()
-    return differing, float(diff.max()) if diff.numel() else 0.0
-
-
-def benchmark_rerank(model: nn.Module, feats: RetrievalFeatures, k_test: int, batch_size: int = 256,
-                     amp: str = "bf16", repeats: int = 1) -> dict[str, float | bool]:
-    """Time :func:`rerank_per_query` against :func:`rerank_batched` on the same features.
-
-    Pairs = k x (N_img + N_txt) shortlisted pairs (the work the official code does); the two evaluators run
-    ``repeats`` times each, alternating, and the median time of each gives its pairs/s. Returns both, the
-    speedup, whether all runs give identical rankings and, by :func:`compare_rankings`, how many queries'
-    orders differ and the largest score difference.
-    """
-    was_training = model.training
-    model.eval()
-    k = min(k_test, feats.text_feat.size(0), feats.image_feat.size(0))
-    pairs = k * (feats.image_feat.size(0) + feats.text_feat.size(0))
-    times: dict[str, list[float]] = {"ref": [], "fast": []}
-    differing, score_diff = [], []  # per run: queries ordered differently (both directions), largest score gap
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        ref = rerank_per_query(model, feats, k, amp=amp)
-        t1 = time.perf_counter()
-        fast = rerank_batched(model, feats, k, batch_size=batch_size, amp=amp)
-        t2 = time.perf_counter()
-        times["ref"].append(t1 - t0)
-        times["fast"].append(t2 - t1)
-        compared = [compare_rankings(a, b) for a, b in zip(ref, fast)]
-        differing.append(sum(n for n, _ in compared))
-        score_diff.append(max(d for _, d in compared))
-    model.train(was_training)
-    t_ref, t_fast = (sorted(times[n])[len(times[n]) // 2] for n in ("ref", "fast"))  # medians
-    return {"pairs": pairs, "repeats": len(times["ref"]), "per_query_pairs_per_s": pairs / t_ref,
-            "batched_pairs_per_s": pairs / t_fast, "speedup": t_ref / t_fast,
-            "identical_rankings": max(differing) == 0, "differing_queries": max(differing),
-            "max_score_diff": max(score_diff)}

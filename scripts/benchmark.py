@@ -59,9 +59,6 @@ from scripts.bench import SECTIONS  # noqa: E402
 from scripts.bench.common import Row, logger  # noqa: E402
 from scripts.bench.inputs import SIZES  # noqa: E402
 
-# tests/test_retrieval.py imports spread_weights from here
-from scripts.bench.retrieval_eval import spread_weights  # noqa: E402, F401
-
 
 def environment(args: argparse.Namespace) -> Row:
     """Versions, threads and hardware of this run."""

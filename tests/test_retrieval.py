@@ -16,12 +16,13 @@ from test_model import read_manifest, state_from_manifest
 from conftest import tiny_albef
 from engine import distributed
 from models import retrieval_eval as ev
+from models import retrieval_reference
 from models.albef import ALBEFConfig
 from models.bert import BertConfig
 from models.checkpoint import load_weights
 from models.model_pretrain import ALBEFPretrain
 from models.model_retrieval import ALBEFRetrieval
-from scripts.benchmark import spread_weights
+from scripts.bench.retrieval_eval import spread_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,11 +135,11 @@ def test_topk_rerank_equals_brute_force_when_k_covers_all(setup: tuple) -> None:
 def test_batched_rerank_equals_per_query(setup: tuple, score: str) -> None:
     model, f, _ = setup
     fast = ev.rerank_batched(model, f, k_test=3, score=score, batch_size=5)
-    ref = ev.rerank_per_query(model, f, k_test=3, score=score)
+    ref = retrieval_reference.rerank_per_query(model, f, k_test=3, score=score)
     for a, b in zip(fast, ref):
         assert torch.equal(a.indices, b.indices)
         assert torch.allclose(a.scores, b.scores, atol=1e-5)
-    stats = ev.benchmark_rerank(model, f, k_test=3, batch_size=5, repeats=3)
+    stats = retrieval_reference.benchmark_rerank(model, f, k_test=3, batch_size=5, repeats=3)
     assert stats["identical_rankings"] and stats["pairs"] == 3 * (6 + 12) and stats["repeats"] == 3
     assert stats["speedup"] == pytest.approx(stats["batched_pairs_per_s"] / stats["per_query_pairs_per_s"])
 

@@ -12,7 +12,7 @@ import gc
 
 import torch
 
-from models import retrieval_eval
+from models import retrieval_eval, retrieval_reference
 from models.model_retrieval import ALBEFRetrieval
 from scripts.bench.common import Row, Section, logger, seed_everything
 from scripts.bench.inputs import make_captions, retrieval_setup
@@ -69,9 +69,9 @@ def bench_retrieval_eval_size(size: str, args: argparse.Namespace, device: torch
     spread_weights(model, getattr(args, f"eval_spread_{size}", 0.0))
     feats = eval_features(model, n_img, args.captions, config["max_tokens"], device, args.seed)
     warm = _first_images(feats, min(2, n_img), args.captions)
-    retrieval_eval.benchmark_rerank(model, warm, k_test, args.rerank_batch)
+    retrieval_reference.benchmark_rerank(model, warm, k_test, args.rerank_batch)
     logger.info("retrieval_eval %s: %d images x %d captions, k_test %d", size, n_img, args.captions, k_test)
-    stats = retrieval_eval.benchmark_rerank(model, feats, k_test, args.rerank_batch, repeats=args.eval_repeats)
+    stats = retrieval_reference.benchmark_rerank(model, feats, k_test, args.rerank_batch, repeats=args.eval_repeats)
     row: Row = {"size": size, "input": f"{model_config.image_res}px T{config['max_tokens']}", "images": n_img,
                 "texts": n_img * args.captions, "k_test": k_test, "rerank_batch": args.rerank_batch}
     row.update(stats)
