@@ -1,8 +1,10 @@
 """Grounding annotations of the toy world (RefCOCO+-style): referring expressions, boxes, detections.
 
 Expressions come from a small grammar and name exactly one object of their scene; the detections of an
-evaluation image are its jittered ground-truth boxes plus random distractors. All randomness comes from
-the `random.Random` passed in, so the output is a pure function of its inputs.
+evaluation image are its jittered ground-truth boxes plus random distractors that overlap no object at
+IoU >= 0.5, so every expression has exactly one proposal at IoU >= 0.5 with its object and at least 3
+proposals. All randomness comes from the `random.Random` passed in, so the output is a pure function of
+its inputs.
 """
 
 from __future__ import annotations
@@ -44,8 +46,31 @@ def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
+def _distractor(scene: Scene, image_size: int, rng: random.Random) -> list[float]:
+    """A random box with IoU < 0.5 against every object of the scene, so no expression of the image gets a
+    second proposal at IoU >= 0.5 (the evaluator's official IoU never exceeds this continuous one).
+
+    The first box comes from `rng` (four draws, as always); a rejected box is redrawn from a generator
+    seeded by the scene and the rejected box, so `rng`'s stream, and with it every other file of the toy
+    world, is the same as without the rejection.
+    """
+    def draw(source: random.Random) -> list[float]:
+        w, h = source.uniform(6, image_size / 2), source.uniform(6, image_size / 2)
+        x, y = source.uniform(0, image_size - w), source.uniform(0, image_size - h)
+        return [round(v, 1) for v in (x, y, w, h)]
+
+    box = draw(rng)
+    redraw = random.Random(f"{scene.image_id}-{box}")
+    for _ in range(1000):
+        if all(_box_iou(box, obj.bbox) < 0.5 for obj in scene.objects):
+            return box
+        box = draw(redraw)
+    raise RuntimeError(f"no distractor box clear of the objects of toy image {scene.image_id}")
+
+
 def _proposals(scene: Scene, image_size: int, rng: random.Random) -> list[list[float]]:
-    """Jittered ground-truth boxes (IoU >= 0.6 with the truth) plus 2-3 random distractors."""
+    """Jittered ground-truth boxes (IoU >= 0.6 with the truth) plus 2-3 random distractors, each with
+    IoU < 0.5 against every object (:func:`_distractor`)."""
     dets = []
     for obj in scene.objects:
         box = list(map(float, obj.bbox))
@@ -56,9 +81,7 @@ def _proposals(scene: Scene, image_size: int, rng: random.Random) -> list[list[f
                 break
         dets.append(box)
     for _ in range(rng.randint(2, 3)):
-        w, h = rng.uniform(6, image_size / 2), rng.uniform(6, image_size / 2)
-        x, y = rng.uniform(0, image_size - w), rng.uniform(0, image_size - h)
-        dets.append([round(v, 1) for v in (x, y, w, h)])
+        dets.append(_distractor(scene, image_size, rng))
     rng.shuffle(dets)
     return dets
 

@@ -42,7 +42,9 @@ from dataset.toy_tasks import build_nlvr, build_ve, build_vqa
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1
+# Bumped when a generated file changes, so that worlds written by older code are regenerated (2: dets.json
+# distractors overlap no object at IoU >= 0.5).
+VERSION = 2
 
 
 # ----------------------------------------------------------------------------- writing

@@ -5,12 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from dataset.grounding_dataset import load_dets, load_plain_truth
+from dataset.grounding_eval import compute_iou, proposal_stats
+from dataset.toy_grounding import _proposals
+from dataset.toy_scene import Scene, ToyObject
 from dataset.toy_world import ensure_toy_world, main
 
 SMALL = {"seed": 3, "n_train": 40, "n_val": 10, "n_test": 12, "image_size": 64}
@@ -281,6 +286,35 @@ def test_grounding(world: Path, scenes: dict[str, dict]) -> None:
         boxes = dets[str(ref["image_id"])]
         assert len(boxes) > len(record["objects"])  # distractor proposals
         assert max(iou(box, ref["bbox"]) for box in boxes) >= 0.5
+
+
+def test_grounding_test_split_has_exactly_one_right_proposal(world: Path) -> None:
+    """The acceptance's split: >= 3 proposals per image, exactly one at IoU >= 0.5 (the evaluator's official
+    IoU) with the referred object; the chance level is the mean of 1/#proposals (1/3 to 1/7 per image)."""
+    truth = load_plain_truth(str(world / "refs.json"))
+    dets = load_dets(str(world / "dets.json"))
+    for ref in truth.values():
+        boxes = dets[str(ref.image_id)]
+        assert len(boxes) >= 3 and sum(compute_iou(ref.bbox, box) >= 0.5 for box in boxes) == 1
+    stats = proposal_stats(list(truth), truth, dets)
+    assert set(stats) == {"val", "testA", "testB"}
+    for split, s in stats.items():
+        chance = [1 / len(dets[str(r.image_id)]) for r in truth.values() if r.split == split]
+        assert s["one_hit"] == 1.0 and s["min_proposals"] >= 3
+        assert s["chance"] == pytest.approx(sum(chance) / len(chance)) and 1 / 7 <= s["chance"] <= 1 / 3
+
+
+def test_distractors_never_overlap_an_object() -> None:
+    """A large object that random boxes often cover at IoU >= 0.5: every distractor is redrawn clear of it."""
+    obj = ToyObject("square", "red", "large", 26.0, 26.0, 12.0, (14, 14, 24, 24))
+    scene = Scene(image_id=7, split="test", index=0, objects=(obj,))
+    hits = []
+    for seed in range(300):
+        boxes = _proposals(scene, 64, random.Random(seed))
+        assert 3 <= len(boxes) <= 4
+        hits.append(sum(iou(box, obj.bbox) >= 0.5 for box in boxes))
+    assert hits == [1] * 300
+    assert _proposals(scene, 64, random.Random(5)) == _proposals(scene, 64, random.Random(5))  # seeded
 
 
 def test_cached_then_regenerated_on_new_params(tmp_path: Path) -> None:
