@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from models.bert import MASK_VALUE, BertConfig, BertForMaskedLM, ImageKV, extended_mask
+from models.bert import MASK_VALUE, BertConfig, BertForMaskedLM, BertSelfAttention, ImageKV, extended_mask
 
 PrefixKV = list[tuple[Tensor, Tensor]]  # per layer: self-attention key, value of the [CLS] position (Q, 1, H)
 
@@ -67,7 +68,7 @@ class AnswerDecoder(BertForMaskedLM):
 
         Returns its vocabulary logits (Q, V) and, per layer, the self-attention key and value of that
         position (Q, 1, H): the prefix every answer of the question shares (causal attention: the BOS
-        position sees only itself), reused by :meth:`continue_after_start`.
+        position sees only itself), reused by :meth:`decode_candidates`.
         """
         q = question_atts.size(0)
         ids = torch.full((q, 1), bos_id, dtype=torch.long, device=question_atts.device)
@@ -82,33 +83,51 @@ class AnswerDecoder(BertForMaskedLM):
             hidden = layer.after_self_attention(hidden, image_mask=cross_mask, image_kv=kv)
         return self.cls(hidden[:, 0]), prefix
 
-    def continue_after_start(
-        self, input_ids: Tensor, attention_mask: Tensor, prefix: PrefixKV, question_kv: ImageKV,
-        question_atts: Tensor,
+    def decode_candidates(
+        self, input_ids: Tensor, decode: Tensor, prefix: PrefixKV, question_kv: ImageKV, question_atts: Tensor,
     ) -> Tensor:
-        """Hidden states (Q*k, L, H) of answer positions 1..L of k candidates per question, after the BOS.
+        """Hidden states (M, H) of the M answer positions ``decode`` (N, L) of k candidates per question.
 
-        input_ids, attention_mask (Q*k, L): the candidates' tokens without their leading BOS, question by
-        question (rows q*k .. q*k+k-1 belong to question q); prefix: from :meth:`start`. Equals positions
-        1..L of a full causal decode of ``[BOS] + input_ids`` (the BOS row is the same for every candidate).
+        input_ids (N, L): the candidates' tokens after the BOS (positions 1..L), question by question (rows
+        q*k .. q*k+k-1 belong to question q); decode (N, L) bool: the positions to compute, a prefix of each row
+        (those that predict a token: not the final ``[SEP]``, not padding); prefix: from :meth:`start`.
+
+        Equals those positions of a full causal decode of ``[BOS] + input_ids`` (the BOS position, the same for
+        every candidate of a question, comes from ``prefix``). Every projection and feed-forward runs on the M
+        decoded tokens only, packed; only the attention products see the (N, L) grid.
         """
         n, length = input_ids.shape
         q = question_atts.size(0)
         k = n // q
-        hidden = self.bert.embeddings(input_ids, start=1)  # (N, L, H), positions 1..L
-        # Query i (position i+1) sees keys 0..i+1: the BOS and the answer tokens up to itself, not padding.
-        upper = torch.ones(length, length + 1, dtype=torch.bool, device=input_ids.device).triu(2)
-        keys_valid = torch.cat([attention_mask.new_ones(n, 1), attention_mask], dim=1).bool()  # (N, L+1)
+        x = self.bert.embeddings(input_ids, start=1)[decode]  # (M, H), positions 1..L
+        # Query i (position i+1) sees keys 0..i+1: the BOS and the decoded tokens up to itself.
+        upper = torch.ones(length, length + 1, dtype=torch.bool, device=x.device).triu(2)
+        keys_valid = torch.cat([decode.new_ones(n, 1), decode], dim=1)  # (N, L+1)
         allowed = ~upper[None] & keys_valid[:, None, :]  # (N, L, L+1)
-        self_mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
-        self_mask = self_mask.masked_fill(~allowed, MASK_VALUE)[:, None]  # (N, 1, L, L+1)
-        cross_mask = extended_mask(question_atts, hidden.dtype)  # (Q, 1, 1, S)
-        for layer, (pk, pv), kv in zip(self.bert.encoder.layer, prefix, question_kv):
+        self_mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, MASK_VALUE)
+        self_mask = self_mask[:, None]  # (N, 1, L, L+1)
+        cross_mask = extended_mask(question_atts, x.dtype)  # (Q, 1, 1, S)
+
+        def grid(rows: Tensor) -> Tensor:  # (M, H) -> (N, L, H), zeros where not decoded
+            return rows.new_zeros(n, length, rows.size(-1)).masked_scatter(decode[..., None], rows)
+
+        for layer, (pk, pv), (ck, cv) in zip(self.bert.encoder.layer, prefix, question_kv):
             attn = layer.attention.self
-            keys = torch.cat([pk.repeat_interleave(k, dim=0), attn.key(hidden)], dim=1)  # (N, L+1, H)
-            values = torch.cat([pv.repeat_interleave(k, dim=0), attn.value(hidden)], dim=1)
-            hidden = layer.attention(hidden, self_mask, keys_values=(keys, values))
+            keys = torch.cat([pk.repeat_interleave(k, dim=0), grid(attn.key(x))], dim=1)  # (N, L+1, H)
+            values = torch.cat([pv.repeat_interleave(k, dim=0), grid(attn.value(x))], dim=1)
+            out = _attend(attn, grid(attn.query(x)), keys, values, self_mask)[decode]  # (M, H)
+            x = layer.attention.output(out, x)
+            cross = layer.crossattention.self
             # the k candidates of a question form one row of k*L queries against its S keys
-            hidden = layer.after_self_attention(hidden.reshape(q, k * length, -1), image_mask=cross_mask,
-                                                image_kv=kv).reshape(n, length, -1)
-        return hidden
+            queries = grid(cross.query(x)).view(q, k * length, -1)
+            out = _attend(cross, queries, ck, cv, cross_mask).view(n, length, -1)[decode]
+            x = layer.crossattention.output(out, x)
+            x = layer.output(layer.intermediate(x), x)
+        return x
+
+
+def _attend(attn: BertSelfAttention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Scaled dot-product attention of projected queries (B, T, H) on keys, values (B, S, H) -> (B, T, H)."""
+    p = attn.dropout_p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(attn._heads(q), attn._heads(k), attn._heads(v), attn_mask=mask, dropout_p=p)
+    return out.transpose(1, 2).reshape(q.shape)

@@ -16,8 +16,9 @@ first among equal final probabilities (step 4).
 
 :func:`rank_answers` batches every question and candidate with no per-question Python loop and computes
 each question's cross-attention keys and values once for its k candidates; the BOS position, identical for
-all candidates of a question, is decoded once (its keys and values are reused as a prefix), and the LM head
-runs only at positions that predict a token. :func:`rank_answers_reference` is the straightforward
+all candidates of a question, is decoded once (its keys and values are reused as a prefix); the candidates'
+positions that predict a token (not the final ``[SEP]``, not padding) are the only ones decoded, packed, and
+the LM head runs on them alone. :func:`rank_answers_reference` is the straightforward
 re-implementation of the official function (question states repeated k times, full decoder passes) that
 the tests and the benchmark compare against.
 """
@@ -90,20 +91,18 @@ def _continuation_log_likelihood(
     """sum_{t >= 2} log p(a_t | a_<t) of each candidate (Q, k): every token after the first, [SEP] included."""
     q, k = candidates.shape
     ids = answer_ids.index_select(0, candidates.reshape(-1))  # (N, T), N = Q*k, question by question
-    atts = answer_atts.index_select(0, candidates.reshape(-1))
-    length = int(atts.sum(dim=1).max())  # padding beyond the longest candidate changes nothing: trim it
+    length = int(answer_atts.index_select(0, candidates.reshape(-1)).sum(dim=1).max())  # longest candidate
     if length <= 2:  # every candidate is [CLS] + one token: nothing after the first token
         return question_atts.new_zeros((q, k), dtype=question_kv[0][0].dtype)
-    ids, atts = ids[:, 1:length], atts[:, 1:length]  # (N, L) without the BOS
-    hidden = decoder.continue_after_start(ids, atts, prefix, question_kv, question_atts)  # (N, L, H)
-    targets = ids[:, 1:]  # position j predicts token j+1
-    valid = targets != pad_token_id  # (N, L-1), the official label mask
-    rows, row_targets = hidden[:, :-1][valid], targets[valid]  # (M, H), (M,)
-    logp = torch.cat([
-        decoder.cls(rows[i:i + LM_HEAD_ROWS]).log_softmax(dim=-1).gather(1, row_targets[i:i + LM_HEAD_ROWS, None])[:, 0]
-        for i in range(0, rows.size(0), LM_HEAD_ROWS)
-    ]) if rows.size(0) else rows.new_zeros(0)
-    per_token = torch.zeros(valid.shape, dtype=logp.dtype, device=logp.device).masked_scatter(valid, logp)
+    inputs, targets = ids[:, 1:length - 1], ids[:, 2:length]  # (N, L): position j+1 predicts token j+2
+    decode = targets != pad_token_id  # the official label mask; the final [SEP] predicts nothing
+    hidden = decoder.decode_candidates(inputs, decode, prefix, question_kv, question_atts)  # (M, H)
+    row_targets = targets[decode]  # (M,)
+    logp = torch.cat([  # chunks of rows: the (rows, V) logits stay small
+        decoder.cls(h).log_softmax(dim=-1).gather(1, t[:, None])[:, 0]
+        for h, t in zip(hidden.split(LM_HEAD_ROWS), row_targets.split(LM_HEAD_ROWS))
+    ])
+    per_token = torch.zeros(decode.shape, dtype=logp.dtype, device=logp.device).masked_scatter(decode, logp)
     return per_token.sum(dim=1).view(q, k)
 
 
