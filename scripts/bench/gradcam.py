@@ -10,9 +10,9 @@ grid, + BERT-base; tiny = the toy grounding model, 64 px, an 8 x 8 grid); the ba
 ``--batch-tiny`` (``Grounding.py`` evaluates with its ``batch_size``, 32 in the official config).
 
 On CPU the rows add the process CPU seconds per batch (``cpu_s_per_batch``, all threads) and
-``maps_per_cpu_s``. ``rank_ms`` (CPU milliseconds) is the proposal ranking that follows each map on the CPU (``dataset.grounding_eval``: bicubic
-upsampling to a 640 x 480 image, :data:`RANK_BOXES` boxes scored): evaluation time per expression is about
-``1 / maps_per_s + rank_ms / 1000``.
+``maps_per_cpu_s``. ``rank_ms`` (CPU milliseconds) is the proposal ranking that follows each map on the CPU
+(``dataset.grounding_eval``: bicubic upsampling to a 640 x 480 image, :data:`RANK_BOXES` boxes scored):
+evaluation time per expression is about ``1 / maps_per_s + rank_ms / 1000``.
 """
 
 from __future__ import annotations
