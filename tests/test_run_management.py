@@ -1,0 +1,523 @@
+"""Runs a researcher can trust: signals, evaluation after the epoch's checkpoint, epoch means across a resume,
+output-folder safety, provenance and timing, ``log.txt`` shape, ``checkpoint_best.pth`` as a link, paths, the
+command line, and data the way it arrives.
+
+Most tests drive ``engine.trainer.fit`` on a linear model (milliseconds a run), with real signals sent to this
+process; one runs ``Pretrain.py`` in a subprocess and stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import utils
+from conftest import ROOT
+from dataset import create_loader
+from engine import checkpoint_io, logs, run_state, signals, trainer
+from engine.config import ConfigError, get_parser, load_config
+
+# ------------------------------------------------------------------ a tiny run of fit
+
+
+class Pairs(Dataset):
+    """x (4,), y: a noisy linear target; 24 items = 6 batches of 4."""
+
+    def __init__(self, n: int = 24) -> None:
+        gen = torch.Generator().manual_seed(3)
+        self.x = torch.randn(n, 4, generator=gen)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.x[i], float(self.y[i])
+
+
+def config_of(epochs: int = 2, **kw: object) -> dict:
+    config = {"optimizer": {"opt": "adamW", "lr": 1e-2, "weight_decay": 0.0},
+              "schedular": {"sched": "cosine", "lr": 1e-2, "epochs": epochs, "min_lr": 1e-4, "warmup_lr": 1e-2,
+                            "warmup_epochs": 0},
+              "amp": "off", "alpha": 0.4, "warm_up": False, "grad_clip": 0.0, "nonfinite": "stop",
+              "max_skipped_images": -1, "log_every": 0, "save_every": 0, "keep_last": 2, "compile": False,
+              "vision_width": 4}
+    config.update(kw)
+    return config
+
+
+def args_of(out: str, resume: str | None = None) -> argparse.Namespace:
+    return argparse.Namespace(output_dir=out, resume=resume, checkpoint="", evaluate=False, seed=0,
+                              script="Task.py", argv=["--output_dir", out])
+
+
+def step_fn(hook=None):
+    def step(model: torch.nn.Module, batch: tuple, alpha: float, global_step: int) -> dict[str, torch.Tensor]:
+        if hook is not None:
+            hook(global_step)
+        x, y = batch
+        pred = model(x).squeeze(-1)
+        weight = 1 + 0.5 * torch.rand(())  # the global random stream matters, as dropout and masking make it
+        return {"loss_mse": weight * torch.nn.functional.mse_loss(pred, y.float()), "err": (pred - y).abs().mean()}
+    return step
+
+
+def run_fit(out: str, config: dict, resume: str | None = None, hook=None, evaluate=None, score=None,
+            init_seed: int = 0) -> dict:
+    """One call of ``fit`` as an entry script makes it (seeded, then the model and the loader)."""
+    os.makedirs(out, exist_ok=True)
+    utils.set_seed(0)
+    torch.manual_seed(init_seed)  # a resumed run must not depend on its initial weights
+    model = torch.nn.Linear(4, 1)
+    loader = create_loader(Pairs(), 4, 0, shuffle=True, seed=0, drop_last=True)
+    return trainer.fit(model, loader, step_fn(hook), config, args_of(out, resume), torch.device("cpu"),
+                       evaluate=evaluate, score=score)
+
+
+def weights(path: str) -> dict[str, torch.Tensor]:
+    return checkpoint_io.load_checkpoint_file(path)["model"]
+
+
+def read_log(out: str) -> list[dict]:
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_means(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k.startswith("train_") or k == "epoch"}
+
+
+def kill_self_at(step: int, sig: int = signal.SIGTERM):
+    def hook(global_step: int) -> None:
+        if global_step == step:
+            os.kill(os.getpid(), sig)
+    return hook
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An uninterrupted 2-epoch run (6 steps an epoch)."""
+    out = str(tmp_path_factory.mktemp("reference"))
+    run_fit(out, config_of())
+    return out
+
+
+# ------------------------------------------------------------------ interruption
+
+
+def test_sigterm_mid_epoch_stops_with_a_checkpoint_and_resumes_exactly(reference: str, tmp_path, caplog) -> None:
+    out = str(tmp_path)
+    with pytest.raises(signals.RunInterrupted) as stop:
+        run_fit(out, config_of(), hook=kill_self_at(3))  # SIGTERM during iteration 3 of epoch 0
+    message = str(stop.value)
+    assert "stopped by SIGTERM at epoch 0, iteration 4" in message
+    assert message.endswith("resume with: python Task.py --output_dir " + out + " --resume")
+    assert sorted(os.listdir(out)) == ["checkpoint_00_000004.pth"]  # no log line: the epoch is not over
+    with caplog.at_level(logging.INFO):
+        run_fit(out, config_of(), resume="latest", init_seed=1)
+    assert "resumed from" in caplog.text
+    a, b = weights(os.path.join(reference, "checkpoint_01.pth")), weights(os.path.join(out, "checkpoint_01.pth"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the epoch means of the resumed epoch cover all its 6 steps, not the 2 after the resume
+    assert [train_means(r) for r in read_log(out)] == [train_means(r) for r in read_log(reference)]
+
+
+def test_run_main_exit_codes_and_one_line(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.INFO):
+        code = trainer.run_main(lambda: run_fit(str(tmp_path), config_of(), hook=kill_self_at(2, signal.SIGINT)))
+    assert code == signals.EXIT_INTERRUPTED == 75
+    lines = [r.getMessage() for r in caplog.records if "resume with:" in r.getMessage()]
+    assert len(lines) == 1 and "stopped by SIGINT" in lines[0] and "Traceback" not in caplog.text
+
+
+def test_second_signal_during_a_checkpoint_write_leaves_the_previous_one(reference: str, tmp_path,
+                                                                         monkeypatch) -> None:
+    """The first SIGTERM asks for a stop; the second lands inside ``torch.save`` of the stop checkpoint: the run
+    exits at once (143), the half-written temporary file is gone, the periodic checkpoint before is intact."""
+    out = str(tmp_path)
+    monkeypatch.setattr(signals, "SAME_REQUEST_S", 0.0)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_interrupted(obj: object, f: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:  # checkpoints at iterations 2 and 4, then the stop checkpoint at 5
+            f.write(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", save_interrupted)
+    code = trainer.run_main(lambda: run_fit(out, config_of(save_every=2), hook=kill_self_at(4)))
+    monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
+    assert code == 128 + signal.SIGTERM
+    assert sorted(os.listdir(out)) == ["checkpoint_00_000002.pth", "checkpoint_00_000004.pth"]
+    assert checkpoint_io.load_checkpoint_file(os.path.join(out, "checkpoint_00_000004.pth"))["step"] == 4
+    run_fit(out, config_of(save_every=2), resume="latest", init_seed=1)
+    a, b = weights(os.path.join(reference, "checkpoint_01.pth")), weights(os.path.join(out, "checkpoint_01.pth"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_a_pretraining_process(tmp_path) -> None:
+    """A real process: SIGTERM -> exit 75, one line with the exact --resume command, which then finishes it."""
+    from dataset.toy_world import ensure_toy_world
+
+    world = ensure_toy_world(str(tmp_path / "toy"), n_train=40, n_val=2, n_test=2)
+    out = str(tmp_path / "run")
+    argv = ["--config", "configs/toy/Pretrain.yaml", "--output_dir", out, "--device", "cpu", "--override",
+            f"toy_world={world}", f"train_file=[{world}/pretrain.json]", "bert_config=configs/toy/config_bert.json",
+            "image_res=32", "vision_width=128", "vit={patch_size: 8, depth: 1, heads: 4}", "embed_dim=16",
+            "batch_size=4", "queue_size=8", "num_workers=0", "max_tokens=16", "save_every=2",
+            "schedular.epochs=2"]
+    proc = subprocess.Popen([sys.executable, "Pretrain.py", *argv], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    first = os.path.join(out, "checkpoint_00_000002.pth")
+    deadline = time.time() + 240
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "resume with:" in line]
+    assert len(lines) == 1 and "stopped by SIGTERM at epoch" in lines[0], stderr[-3000:]
+    assert "Traceback" not in stderr and not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    command = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert command[:2] == ["python", "Pretrain.py"] and command[-1] == "--resume"
+    import Pretrain
+
+    record = Pretrain.main(command[2:])
+    assert record["epoch"] == 1 and [r["epoch"] for r in read_log(out)] == [0, 1]
+
+
+# ------------------------------------------------------------------ evaluation never loses training
+
+
+def test_a_crash_in_evaluation_leaves_the_epochs_checkpoint(reference: str, tmp_path, caplog) -> None:
+    out = str(tmp_path)
+    seen: list[int] = []
+
+    def broken(model: torch.nn.Module, epoch: int) -> dict:
+        if epoch == 1:
+            raise ValueError("not enough values to unpack")
+        seen.append(epoch)
+        return {"val_score": 1.0}
+
+    with pytest.raises(ValueError):
+        run_fit(out, config_of(), evaluate=broken, score="val_score")
+    assert os.path.isfile(os.path.join(out, "checkpoint_01.pth")) and [r["epoch"] for r in read_log(out)] == [0]
+
+    def fixed(model: torch.nn.Module, epoch: int) -> dict:
+        seen.append(epoch)
+        return {"val_score": 2.0}
+
+    with caplog.at_level(logging.INFO):
+        record = run_fit(out, config_of(), resume="latest", evaluate=fixed, score="val_score")
+    assert seen == [0, 1] and "epoch 1 was saved but not evaluated" in caplog.text
+    assert "is complete (2 of 2 epochs)" in caplog.text
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1] and record == log[-1] and record["best_epoch"] == 1
+    assert train_means(log[1]) == train_means(read_log(reference)[1])  # trained once, logged once
+    assert os.path.samefile(os.path.join(out, "checkpoint_best.pth"), os.path.join(out, "checkpoint_01.pth"))
+
+
+def test_a_signal_during_evaluation_stops_at_once_and_the_resume_evaluates(tmp_path) -> None:
+    out = str(tmp_path)
+
+    def slow(model: torch.nn.Module, epoch: int) -> dict:
+        if epoch == 0 and not os.path.exists(os.path.join(out, "signalled")):
+            open(os.path.join(out, "signalled"), "w").close()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # interrupted before this ends
+        return {"val_score": float(epoch)}
+
+    with pytest.raises(signals.RunInterrupted, match="during the evaluation of epoch 0.*--resume"):
+        run_fit(out, config_of(epochs=1), evaluate=slow, score="val_score")
+    assert not os.path.exists(os.path.join(out, "log.txt"))
+    run_fit(out, config_of(epochs=1), resume="latest", evaluate=slow, score="val_score")
+    assert [r["epoch"] for r in read_log(out)] == [0]
+
+
+def test_evaluation_leaves_the_training_random_streams_alone(reference: str, tmp_path) -> None:
+    def draws(model: torch.nn.Module, epoch: int) -> dict:
+        torch.rand(100)  # an evaluation loader or dropout would draw from the same generator
+        return {}
+
+    out = str(tmp_path)
+    run_fit(out, config_of(), evaluate=draws)
+    a, b = weights(os.path.join(reference, "checkpoint_01.pth")), weights(os.path.join(out, "checkpoint_01.pth"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ output folders
+
+
+def test_a_used_output_folder_needs_resume(reference: str) -> None:
+    args = args_of(reference)
+    with pytest.raises(ConfigError, match=r"already holds a run's checkpoints \(checkpoint_01.pth, 2 in all\): add "
+                                          r"--resume to continue that run, or choose a new --output_dir"):
+        run_state.check_output_dir_use(args)
+    args.evaluate = True
+    with pytest.raises(ConfigError, match="--evaluate would overwrite"):
+        run_state.check_output_dir_use(args)
+    run_state.check_output_dir_use(args_of(reference, resume="latest"))  # allowed
+
+
+def test_second_pretraining_run_into_a_used_folder_refuses_in_one_line(tmp_path, caplog) -> None:
+    import Pretrain
+
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "checkpoint_00.pth").write_bytes(b"x")
+    argv = ["--config", "configs/toy/Pretrain.yaml", "--output_dir", str(out), "--device", "cpu"]
+    with caplog.at_level(logging.ERROR):
+        assert trainer.run_main(lambda: Pretrain.main(argv)) == 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "--resume" in errors[0].getMessage()
+    assert sorted(os.listdir(out)) == ["checkpoint_00.pth"]  # nothing written: no config.yaml, no train.log
+
+
+def test_resuming_a_finished_run_says_it_is_complete(reference: str, caplog) -> None:
+    before = open(os.path.join(reference, "log.txt")).read()
+    with caplog.at_level(logging.INFO):
+        record = run_fit(reference, config_of(), resume="latest")
+    assert "is complete (2 of 2 epochs): nothing left to train" in caplog.text
+    assert record == read_log(reference)[-1] and open(os.path.join(reference, "log.txt")).read() == before
+
+
+def test_a_changed_config_is_logged_and_model_sizes_refuse(reference: str, tmp_path, caplog) -> None:
+    out = str(tmp_path)
+    with open(os.path.join(reference, "checkpoint_00.pth"), "rb") as src:
+        (tmp_path / "checkpoint_00.pth").write_bytes(src.read())
+    (tmp_path / "log.txt").write_text(open(os.path.join(reference, "log.txt")).readline())
+    with pytest.raises(ConfigError, match="cannot resume .* with another vision_width"):
+        run_fit(out, config_of(vision_width=8), resume="latest")
+    with caplog.at_level(logging.WARNING):
+        run_fit(out, config_of(epochs=3), resume="latest")
+    assert "schedular.epochs: 2 -> 3" in caplog.text
+    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ provenance, timing, log.txt, best checkpoint
+
+
+def test_log_lines_have_one_shape_float32_values_and_timing(reference: str) -> None:
+    log = read_log(reference)
+    assert len({tuple(sorted(r)) for r in log}) == 1
+    assert {"epoch_seconds", "samples_per_s", "peak_mem_mb", "skipped_images", "train_lr"} <= set(log[0])
+    assert log[0]["samples_per_s"] > 0 and log[0]["peak_mem_mb"] > 0
+    text = open(os.path.join(reference, "log.txt")).read()
+    assert '"train_lr": 0.01' in text  # the lr of epoch 0, not 0.009999999776482582
+    assert logs.round32(9.999999747378752e-05) == 1e-4 and logs.round32({"a": [0.1 + 0.2]}) == {"a": [0.3]}
+
+
+def test_provenance_is_logged(tmp_path, caplog) -> None:
+    import Pretrain
+
+    argv = ["--config", "configs/toy/Pretrain.yaml", "--output_dir", str(tmp_path), "--device", "cpu",
+            "--seed", "7", "--override", "toy_world=", "train_file=[]"]
+    args = get_parser("t").parse_args(argv)
+    with caplog.at_level(logging.INFO):
+        trainer.setup_run(args, Pretrain.DEFAULTS)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+        model[1].requires_grad_(False)
+        trainer.logger.info("parameters: %d in all, %d trainable", *logs.count_parameters(model))
+    text = caplog.text
+    assert "command: python" in text and "--seed 7" in text
+    assert "seed 7, device cpu" in text and "1 process(es), git commit " in text
+    assert "versions: python " in text and " torch " in text
+    assert "parameters: 11 in all, 8 trainable" in text
+    assert "pre-training from scratch" in text  # neither vit_init nor bert_init
+
+
+def test_saved_checkpoint_is_logged_and_best_is_a_link(tmp_path, caplog) -> None:
+    out = str(tmp_path)
+    scores = {0: 1.0, 1: 3.0, 2: 2.0}
+    with caplog.at_level(logging.INFO):
+        run_fit(out, config_of(epochs=3, keep_last=1), evaluate=lambda m, e: {"val_s": scores[e]}, score="val_s")
+    assert f"saved checkpoint {os.path.join(out, 'checkpoint_02.pth')}" in caplog.text
+    best = os.path.join(out, "checkpoint_best.pth")
+    assert sorted(os.listdir(out)) == ["checkpoint_02.pth", "checkpoint_best.pth", "log.txt"]
+    assert os.stat(best).st_nlink == 1  # checkpoint_01.pth was rotated away; its data lives on as the best
+    assert checkpoint_io.load_checkpoint_file(best)["epoch"] == 1
+    assert [r["best_epoch"] for r in read_log(out)] == [0, 1, 1]
+
+
+def test_best_is_a_small_pointer_file_where_hard_links_fail(tmp_path, monkeypatch) -> None:
+    from models.checkpoint import read_state_dict
+
+    def no_links(src: str, dst: str) -> None:
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = str(tmp_path)
+    scores = {0: 1.0, 1: 3.0, 2: 2.0}
+    run_fit(out, config_of(epochs=3, keep_last=1), evaluate=lambda m, e: {"val_s": scores[e]}, score="val_s")
+    best = os.path.join(out, "checkpoint_best.pth")
+    assert os.path.getsize(best) < 100
+    assert os.path.isfile(os.path.join(out, "checkpoint_01.pth"))  # kept: the pointer names it
+    assert checkpoint_io.load_checkpoint_file(best)["epoch"] == 1
+    state, ckpt = read_state_dict(best)  # what --checkpoint reads
+    assert ckpt["epoch"] == 1
+    assert torch.equal(state["weight"], weights(os.path.join(out, "checkpoint_01.pth"))["weight"])
+    run_fit(out, config_of(epochs=4, keep_last=1), resume=best)  # --resume PATH follows it too
+    assert [r["epoch"] for r in read_log(out)][-1] == 3
+
+
+# ------------------------------------------------------------------ start-up warnings, command line, paths
+
+
+def test_one_warning_line_for_each_flag_that_does_nothing(caplog) -> None:
+    def warnings_for(flags: list[str], config: dict) -> list[str]:
+        caplog.clear()
+        args = get_parser("t").parse_args(["--config", "c", "--output_dir", "o", *flags])
+        args.distributed = False
+        with caplog.at_level(logging.WARNING):
+            run_state.startup_warnings(args, config)
+        return [r.getMessage() for r in caplog.records]
+
+    fine_tune = {"val_file": "", "test_file": ""}
+    pretrain = {"vit_init": "", "bert_init": False}
+    found = warnings_for(["--world_size", "2", "--checkpoint", "a.pth"], fine_tune)
+    assert len(found) == 1 and "torchrun --nproc_per_node=2" in found[0]
+    found = warnings_for(["--evaluate", "--checkpoint", "a.pth"], fine_tune)
+    assert len(found) == 1 and "--evaluate with no val_file or test_file set" in found[0]
+    found = warnings_for([], {**fine_tune, "val_file": "v.json"})
+    assert len(found) == 1 and "fine-tuning with no --checkpoint" in found[0]
+    found = warnings_for([], pretrain)
+    assert len(found) == 1 and "pre-training from scratch" in found[0] and "DeiT-B/16" in found[0]
+    assert warnings_for([], {"vit_init": "deit.pth", "bert_init": True}) == []
+    assert warnings_for(["--checkpoint", "a.pth"], {**fine_tune, "val_file": "v.json"}) == []
+
+
+def test_help_is_fast_complete_and_keeps_the_examples() -> None:
+    for script in ("Pretrain.py", "Retrieval.py"):
+        result = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0
+        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+        assert "torch" not in imported and "engine.config" in imported, script
+    text = result.stdout
+    assert "--output_dir output/toy_retrieval \\\n        --checkpoint" in text  # not reflowed
+    assert "\n  --no-distributed " in text and "[--no-distributed]" in text  # a plain switch, no [BOOL]
+    blocks = text.split("options:")[1].split("\n  -")[1:]
+    for block in blocks:
+        flag = block.split()[0]
+        assert len(block.split()) > 2, f"{flag} has no help"
+        if flag not in ("h,", "-config", "-output_dir", "-evaluate", "-no-distributed"):
+            assert "default" in block, f"{flag} shows no default"
+
+
+def test_override_with_nothing_after_the_equals_sign_is_the_empty_string(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("image_root: images\nbatch_size: 4\n")
+    defaults = {"image_root": "x", "batch_size": 1}
+    assert load_config(str(path), defaults, ["image_root="])["image_root"] == ""
+    with pytest.raises(ConfigError, match="batch_size.*expects int, found str"):
+        load_config(str(path), defaults, ["batch_size="])
+
+
+def test_shipped_paths_resolve_from_anywhere_and_the_toy_world_is_used_only_when_configured(tmp_path,
+                                                                                          monkeypatch) -> None:
+    import Pretrain
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config("configs/toy/Pretrain.yaml", Pretrain.DEFAULTS)
+    assert config["bert_config"] == os.path.join(ROOT, "configs", "toy", "config_bert.json")
+    assert config["toy_world"] == os.path.join(ROOT, "data", "toy")
+    assert config["train_file"] == [os.path.join(ROOT, "data", "toy", "pretrain.json")]
+    assert trainer._uses_toy_world(config)
+    (tmp_path / "mine.json").write_text("[]")
+    config = load_config("configs/toy/Pretrain.yaml", Pretrain.DEFAULTS, ["train_file=[mine.json]"])
+    assert config["train_file"] == ["mine.json"]  # the user's own file, from where they are
+    assert not trainer._uses_toy_world(config)  # so no 49 MB toy world is generated for it
+    from models.tokenizer import TextTokenizer
+
+    assert TextTokenizer("bert-base-uncased").vocab_size == 30522  # the shipped vocabulary, from anywhere
+
+
+# ------------------------------------------------------------------ data the way it arrives
+
+
+def write_json(path, items: object, bom: bool = False) -> str:
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + json.dumps(items).encode("utf-8"))
+    return str(path)
+
+
+def test_a_byte_order_mark_is_read(tmp_path) -> None:
+    from dataset.validate import PRETRAIN_SCHEMA, load_annotations
+
+    path = write_json(tmp_path / "bom.json", [{"image": "a.png", "caption": "a red circle"}], bom=True)
+    assert load_annotations(path, PRETRAIN_SCHEMA) == [{"image": "a.png", "caption": "a red circle"}]
+
+
+def test_captions_empty_after_cleaning_are_skipped_counted_and_capped(tmp_path, caplog) -> None:
+    from dataset import DataError
+    from dataset.validate import PRETRAIN_SCHEMA, RETRIEVAL_EVAL_SCHEMA, load_annotations
+
+    items = [{"image": "a.png", "caption": "a red circle"}, {"image": "b.png", "caption": "?!..."},
+             {"image": "c.png", "caption": ["...", "two squares"]}, {"image": "d.png", "caption": [" ", "--"]}]
+    path = write_json(tmp_path / "ann.json", items)
+    with caplog.at_level(logging.WARNING):
+        kept = load_annotations(path, PRETRAIN_SCHEMA)
+    assert [it["image"] for it in kept] == ["a.png", "c.png"] and kept[1]["caption"] == ["two squares"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "4 caption(s) empty after cleaning skipped (item 1 '?!...', item 2 '...', item 3 ' ', item 3 '--')" \
+        in warnings[0] and "2 item(s) left without a caption skipped" in warnings[0]
+    with pytest.raises(DataError, match=r"ann.json, item 1, key 'caption'.*4 such captions.*more than the 3"):
+        load_annotations(path, PRETRAIN_SCHEMA, max_empty=3)
+    only_empty = write_json(tmp_path / "none.json", [{"image": "a.png", "caption": "!!"}])
+    with pytest.raises(DataError, match="item 0, key 'caption': caption is empty after cleaning.*no item"):
+        load_annotations(only_empty, PRETRAIN_SCHEMA)
+    evaluation = write_json(tmp_path / "val.json", [{"image": "a.png", "caption": ["a circle", "?"]},
+                                                    {"image": "b.png", "caption": ["a square"]}])
+    assert load_annotations(evaluation, RETRIEVAL_EVAL_SCHEMA)[0]["caption"] == ["a circle"]
+
+
+def test_mixed_image_id_types_and_repeated_evaluation_images_are_reported(tmp_path, caplog) -> None:
+    from dataset.validate import RETRIEVAL_EVAL_SCHEMA, RETRIEVAL_TRAIN_SCHEMA, load_annotation_files, load_annotations
+
+    train = [{"image": "a.png", "caption": "x", "image_id": 0}, {"image": "a.png", "caption": "y", "image_id": "0"},
+             {"image": "b.png", "caption": "z", "image_id": 1}]
+    path = write_json(tmp_path / "train.json", train)
+    with caplog.at_level(logging.WARNING):
+        load_annotation_files([path], RETRIEVAL_TRAIN_SCHEMA)
+    assert "image_id values mix types (2 int, 1 str); 0 and '0' both occur and count as two images" in caplog.text
+    caplog.clear()
+    val = [{"image": "a.png", "caption": ["x"]}, {"image": "b.png", "caption": ["y"]},
+           {"image": "a.png", "caption": ["z"]}]
+    with caplog.at_level(logging.WARNING):
+        load_annotations(write_json(tmp_path / "val.json", val), RETRIEVAL_EVAL_SCHEMA)
+    assert "1 item(s) repeat an image listed before (item 2 repeats item 0, 'a.png')" in caplog.text
+
+
+def test_retrieval_evaluation_survives_an_unreadable_first_batch(tmp_path) -> None:
+    """Once a ValueError from ``encode_images`` after a whole epoch: the batch is skipped and counted."""
+    from PIL import Image
+
+    from conftest import tiny_albef
+    from dataset import RetrievalEvalDataset, build_transform
+    from models.model_retrieval import ALBEFRetrieval
+    from models.retrieval_eval import evaluate_retrieval
+    from models.tokenizer import TextTokenizer
+
+    for name in ("c", "d"):
+        Image.new("RGB", (32, 32), (200, 10, 10) if name == "c" else (10, 10, 200)).save(tmp_path / f"{name}.png")
+    items = [{"image": f"{n}.png", "caption": [f"picture {n}", f"image {n}"]} for n in "abcd"]  # a, b missing
+    dataset = RetrievalEvalDataset(write_json(tmp_path / "val.json", items), build_transform("test", 32),
+                                   str(tmp_path))
+    model = ALBEFRetrieval(tiny_albef())
+    metrics = evaluate_retrieval(model, dataset, TextTokenizer(), torch.device("cpu"), k_test=2, batch_size=2,
+                                 text_batch=4, rerank_batch=4, max_length=8, amp="off")
+    assert (metrics["images"], metrics["texts"], metrics["unreadable_images"]) == (4, 8, 2)
+    assert 0.0 <= metrics["r_mean"] <= 100.0
+
