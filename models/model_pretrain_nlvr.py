@@ -56,7 +56,7 @@ def sample_ta_pairs(weights: Tensor, generator: torch.Generator | None = None) -
 
 class ALBEFPretrainNLVR(ALBEFBase):
     """TA model: ViT, 18-layer bare BERT with shared pair projections, ``vision_proj``, ``text_proj``,
-    ``temp``, ``ta_head`` (the official module set; ``text_proj`` and ``temp`` are unused). No momentum twins.
+    ``temp``, ``ta_head`` (the official module set; only ``vision_proj`` is used, without gradient). No twins.
 
     ``config`` is the ordinary (12-layer) ALBEF config, as for :class:`models.model_nlvr.ALBEFNLVR`.
     """
@@ -69,8 +69,13 @@ class ALBEFPretrainNLVR(ALBEFBase):
         del self.itm_head
         # Entries of a pre-training checkpoint this model does not use (dropped by load_weights).
         self.unused_checkpoint_keys = re.compile(r"^itm_head\.|^[a-z_]+_m\.")
+        self.task_head_keys = re.compile(r"^ta_head\.")  # new: absent from pre-training checkpoints
         self.ta_head = nn.Linear(config.bert.hidden_size, TA_CLASSES)
         share_cross_attention(self.text_encoder)
+        # No gradient ever reaches these (official: vision_proj under no_grad, text_proj and temp unused), so the
+        # official optimizer never changes them; frozen, they also leave DDP with no unused trainable parameter.
+        for p in (*self.vision_proj.parameters(), *self.text_proj.parameters(), self.temp):
+            p.requires_grad_(False)
 
     def forward(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 generator: torch.Generator | None = None) -> dict[str, Tensor]:

@@ -41,6 +41,7 @@ class ALBEFClassifier(ALBEFBase):
         # Entries of pre-training / retrieval checkpoints that this model does not use (dropped by load_weights).
         unused = r"^(vision_proj|text_proj|itm_head|ta_head)(_m)?\.|^temp$"
         self.unused_checkpoint_keys = re.compile(unused if config.distill else unused + r"|^[a-z_]+_m\.")
+        self.task_head_keys = re.compile(r"^cls_head\.")  # new when fine-tuning from pre-training
         for name in ("vision_proj", "text_proj", "temp", "itm_head"):
             delattr(self, name)
         self.cls_head = mlp_head(config.bert.hidden_size, num_classes)

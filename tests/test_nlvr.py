@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from test_model import ROOT, read_manifest
+from test_ve import pretrain_checkpoint, read_result, spread_checkpoint, torchrun, toy_model_config
 
 from conftest import tiny_albef
 from dataset.nlvr_dataset import NLVRDataset, nlvr_label
 from dataset.transforms import build_transform
 from dataset.validate import DataError
+from engine.logs import round32
 from models.albef import ALBEFConfig
 from models.bert import BertConfig
 from models.checkpoint import load_weights
@@ -134,7 +136,8 @@ def test_pretrain_checkpoint_maps_each_fusion_layer_onto_both_blocks_of_its_pair
     src = source.state_dict()
     for model in (ALBEFNLVR(tiny_albef()), ALBEFPretrainNLVR(tiny_albef())):
         report = load_weights(model, src)
-        assert all(k.startswith(("cls_head.", "ta_head.")) for k in report.missing)
+        assert not report.suspicious and not report.missing  # queues, MLM head, contrastive heads: dropped or expected
+        assert report.fresh_heads and all(k.startswith(("cls_head.", "ta_head.")) for k in report.fresh_heads)
         for enc, src_enc in [("text_encoder", "text_encoder.bert")] + \
                 ([("text_encoder_m", "text_encoder_m.bert")] if isinstance(model, ALBEFNLVR) else []):
             bert, src_bert = model.get_submodule(enc), source.get_submodule(src_enc)
@@ -156,7 +159,7 @@ def test_ta_checkpoint_without_twins_gives_loaded_teacher_by_default_and_random_
     model = ALBEFNLVR(tiny_albef())
     report = load_weights(model, ta.state_dict())
     assert report.momentum_initialised == ["visual_encoder_m", "text_encoder_m", "cls_head_m"]
-    assert not [k for k in report.suspicious if not k.startswith("cls_head.")]
+    assert not report.suspicious and len(report.fresh_heads) == 4
     assert torch.equal(model.text_encoder_m.encoder.layer[3].output.dense.weight,
                        ta.text_encoder.encoder.layer[3].output.dense.weight)
     official = ALBEFNLVR(tiny_albef())
@@ -252,3 +255,61 @@ def test_nlvr_dataset_items_and_errors(tmp_path: Path) -> None:
             NLVRDataset(path, build_transform("test", 16), str(tmp_path))
     path = write_world(tmp_path, [{**good, "images": ["a.png", "missing.png"]}])
     assert NLVRDataset(path, build_transform("test", 16), str(tmp_path))[0] is None  # unreadable: skipped
+
+
+# ----------------------------------------------------------------------------- Pretrain_nlvr.py, NLVR.py end to end
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """8 train images (8 statements, 8 captioned images), 9 val (9 statements), 12 test (12)."""
+    from dataset.toy_world import ensure_toy_world
+
+    return ensure_toy_world(str(tmp_path_factory.mktemp("toy_nlvr")), n_train=8, n_val=9, n_test=12)
+
+
+def nlvr_argv(world: str, out: str, *flags: str) -> list[str]:
+    return ["--config", os.path.join(ROOT, "configs", "toy", "NLVR.yaml"), "--output_dir", out, "--device", "cpu",
+            *flags, "--override", "toy_world=''", f"train_file=[{world}/nlvr_train.json]",
+            f"val_file=[{world}/nlvr_val.json]", f"test_file=[{world}/nlvr_test.json]", f"image_root={world}",
+            "schedular.epochs=1", "batch_size=4", "num_workers=0", "image_res=32"]
+
+
+def test_ta_then_nlvr_fine_tuning_from_the_ta_checkpoint(world: str, tmp_path: Path) -> None:
+    import NLVR
+    import Pretrain_nlvr
+
+    ta_out = str(tmp_path / "ta")
+    record = Pretrain_nlvr.main([
+        "--config", os.path.join(ROOT, "configs", "toy", "NLVR_pretrain.yaml"), "--output_dir", ta_out,
+        "--device", "cpu", "--checkpoint", pretrain_checkpoint(str(tmp_path / "pre.pth")), "--override",
+        "toy_world=''", f"train_file=[{world}/pretrain.json]", "schedular.epochs=1", "batch_size=4",
+        "num_workers=0", "image_res=32"])
+    assert record["epoch"] == 0 and 0 <= record["train_acc_ta"] <= 1 and record["train_loss_ta"] > 0
+    ta_state = torch.load(os.path.join(ta_out, "checkpoint_00.pth"), weights_only=False)["model"]
+    assert "ta_head.weight" in ta_state and "text_encoder.encoder.layer.5.output.dense.weight" in ta_state
+    assert not [k for k in ta_state if "_m." in k]  # as the released TA checkpoint: no momentum weights
+
+    out = str(tmp_path / "nlvr")
+    results = NLVR.main(nlvr_argv(world, out, "--checkpoint", os.path.join(ta_out, "checkpoint_00.pth")))
+    assert read_result(out, "nlvr") == json.loads(json.dumps(round32(results)))
+    for split, n in (("val", 9), ("test", 12)):
+        assert results[split]["n"] == n and results[split]["classes"] == ["False", "True"]
+        assert torch.tensor(results[split]["confusion"]).sum() == n
+    state = torch.load(os.path.join(out, "checkpoint_00.pth"), weights_only=False)["model"]
+    key = "text_encoder.encoder.layer.3.crossattention.self.key.weight"
+    assert torch.equal(state[key], state[key.replace("layer.3", "layer.2")])  # still shared after training
+
+
+def test_nlvr_two_processes_evaluate_exactly_like_one(world: str, tmp_path: Path) -> None:
+    """val 9 statements (4 + 5 per rank), test 12 (6 + 6): gathered in order, every statement once."""
+    import NLVR
+
+    model = ALBEFNLVR(ALBEFConfig.from_config(toy_model_config("NLVR.yaml", NLVR.DEFAULTS)))
+    ckpt = spread_checkpoint(model, str(tmp_path / "spread.pth"))
+    two = str(tmp_path / "two")
+    result = torchrun("NLVR.py", nlvr_argv(world, two, "--evaluate", "--checkpoint", ckpt))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = NLVR.main(nlvr_argv(world, str(tmp_path / "one"), "--evaluate", "--checkpoint", ckpt))
+    metrics = read_result(two, "nlvr")
+    for split in ("val", "test"):
+        assert metrics[split] == json.loads(json.dumps(round32(one[split]))), split
+    assert all(sum(row) for row in map(list, zip(*one["test"]["confusion"])))  # both classes predicted

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from conftest import tiny_albef
 from dataset.transforms import build_transform
 from dataset.validate import DataError
 from dataset.ve_dataset import VE_CLASS_NAMES, VEDataset, ve_image_path, ve_label
+from engine.logs import round32
 from models.albef import ALBEFConfig
 from models.bert import BertConfig
 from models.checkpoint import load_weights
@@ -78,7 +81,8 @@ def test_ve_layout_is_the_retrieval_body_plus_cls_head_and_loads_a_pretrain_chec
     source = ALBEFPretrain(tiny_albef(image_res=32))
     target = ALBEFVE(tiny_albef(image_res=48))
     report = load_weights(target, source.state_dict())
-    assert [k for k in report.suspicious] == [f"cls_head.{n}" for n in ("0.weight", "0.bias", "2.weight", "2.bias")]
+    assert not report.suspicious and not report.missing
+    assert report.fresh_heads == [f"cls_head.{n}" for n in ("0.weight", "0.bias", "2.weight", "2.bias")]
     assert report.momentum_initialised == ["cls_head_m"]  # the encoders' twins come from the checkpoint
     name = "encoder.layer.3.crossattention.self.value.weight"
     assert torch.equal(target.text_encoder_m.get_parameter(name), source.text_encoder_m.bert.get_parameter(name))
@@ -132,3 +136,92 @@ def test_soft_targets_of_the_model_are_the_teacher_softmax() -> None:
     soft = F.softmax(model.logits(image, ids, mask, momentum=True), dim=1)
     expected = -(F.log_softmax(model.logits(image, ids, mask), dim=1) * soft).sum(1).mean()
     torch.testing.assert_close(loss, expected)
+
+
+# ----------------------------------------------------------------------------- SNLI_VE.py end to end
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """8 train images (24 hypotheses, 8 NLVR2 statements), 9 val (27 / 9), 12 test (36 / 12)."""
+    from dataset.toy_world import ensure_toy_world
+
+    return ensure_toy_world(str(tmp_path_factory.mktemp("toy_cls")), n_train=8, n_val=9, n_test=12)
+
+
+def toy_model_config(name: str, defaults: dict, *overrides: str) -> dict:
+    from engine.config import load_config
+
+    return load_config(os.path.join(ROOT, "configs", "toy", name), defaults, ["toy_world=''", "image_res=32",
+                                                                               *overrides])
+
+
+def pretrain_checkpoint(path: str) -> str:
+    """A randomly initialised toy pre-training model at 32 px, saved as the pre-training script saves it."""
+    import Pretrain
+
+    model = ALBEFPretrain(ALBEFConfig.from_config(toy_model_config("Pretrain.yaml", Pretrain.DEFAULTS)))
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def spread_checkpoint(model: torch.nn.Module, path: str) -> str:
+    """Weights drawn at std 0.3: distinct predictions, so a mis-ordered or duplicated gather shows."""
+    from scripts.bench.retrieval_eval import spread_weights
+
+    spread_weights(model, 0.3)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def torchrun(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 SCRIPT ARGS`` (gloo on CPU)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def ve_argv(world: str, out: str, *flags: str) -> list[str]:
+    return ["--config", os.path.join(ROOT, "configs", "toy", "VE.yaml"), "--output_dir", out, "--device", "cpu",
+            *flags, "--override", "toy_world=''", f"train_file={world}/ve_train.json",
+            f"val_file={world}/ve_val.json", f"test_file={world}/ve_test.json", f"image_root={world}/ve_images",
+            "schedular.epochs=1", "batch_size_train=8", "batch_size_test=4", "num_workers=0", "image_res=32"]
+
+
+def read_result(out: str, name: str) -> dict:
+    with open(os.path.join(out, "result", f"{name}_metrics.json")) as fh:
+        return json.load(fh)
+
+
+def test_ve_main_fine_tunes_from_pretraining_and_reports_per_class_accuracy(world: str, tmp_path: Path) -> None:
+    import SNLI_VE
+
+    out = str(tmp_path / "ve")
+    results = SNLI_VE.main(ve_argv(world, out, "--checkpoint", pretrain_checkpoint(str(tmp_path / "pre.pth"))))
+    assert read_result(out, "ve") == json.loads(json.dumps(round32(results)))
+    assert results["best_epoch"] == 0 and results["evaluated"] == "checkpoint_best.pth"
+    for split, n in (("val", 27), ("test", 36)):
+        m = results[split]
+        confusion = torch.tensor(m["confusion"])
+        assert m["n"] == confusion.sum() == n and m["classes"] == ["contradiction", "neutral", "entailment"]
+        assert confusion.sum(1).tolist() == [n // 3] * 3  # three hypotheses per image, one of each label
+        assert m["acc"] == pytest.approx(100 * confusion.trace().item() / n, rel=1e-6)
+        for c, name in enumerate(m["classes"]):
+            assert m["per_class_acc"][name] == pytest.approx(100 * confusion[c, c].item() / (n // 3), rel=1e-6)
+    with open(os.path.join(out, "log.txt")) as fh:
+        lines = [json.loads(line) for line in fh]
+    assert lines[0]["epoch"] == 0 and lines[0]["score"] == lines[0]["val_acc"] == round32(results["val"]["acc"])
+    assert "val_acc_neutral" in lines[0] and lines[1]["test_acc"] == round32(results["test"]["acc"])
+
+
+def test_ve_two_processes_evaluate_exactly_like_one(world: str, tmp_path: Path) -> None:
+    """Each rank classifies a contiguous share (val 13 + 14, test 18 + 18) gathered in order: every item once."""
+    import SNLI_VE
+
+    model = ALBEFVE(ALBEFConfig.from_config(toy_model_config("VE.yaml", SNLI_VE.DEFAULTS)))
+    ckpt = spread_checkpoint(model, str(tmp_path / "spread.pth"))
+    two = str(tmp_path / "two")
+    result = torchrun("SNLI_VE.py", ve_argv(world, two, "--evaluate", "--checkpoint", ckpt))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = SNLI_VE.main(ve_argv(world, str(tmp_path / "one"), "--evaluate", "--checkpoint", ckpt))
+    metrics = read_result(two, "ve")
+    for split in ("val", "test"):
+        assert metrics[split] == json.loads(json.dumps(round32(one[split]))), split
+    assert sum(1 for row in one["test"]["confusion"] for v in row if v) >= 3  # predictions differ between items

@@ -1,0 +1,214 @@
+"""ALBEF visual entailment (SNLI-VE): fine-tuning and evaluation (paper Sec. 5, official ``VE.py``).
+
+    python SNLI_VE.py --config configs/toy/VE.yaml --output_dir output/toy_ve \
+        --checkpoint output/toy_pretrain/checkpoint_best.pth
+    python SNLI_VE.py --config configs/VE.yaml --output_dir output/ve --checkpoint ve.pth --evaluate
+    torchrun --nproc_per_node=8 SNLI_VE.py --config configs/VE.yaml --output_dir output/ve --checkpoint ALBEF.pth
+
+A 3-way MLP head (contradiction / neutral / entailment) on the fused [CLS] state, trained with momentum
+distillation (``distill``: ``(1 - alpha) CE + alpha`` soft CE against the momentum model). Each epoch evaluates
+val (``val_acc`` picks ``checkpoint_best.pth``); the best checkpoint is then evaluated on test. ``--evaluate``
+only evaluates val and test. ``output_dir/result/ve_metrics.json`` holds accuracy, per-class accuracy and the
+confusion matrix (``confusion[true][predicted]``) of each split; ``log.txt`` one line per epoch.
+
+The shared classification glue below (step function, evaluator, training and evaluation runs) serves NLVR.py too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from dataset import VEDataset, build_transform, create_loader
+from dataset.ve_dataset import VE_CLASS_NAMES
+from engine import checkpoint_io, distributed, logs, trainer
+from engine.config import COMMON_DEFAULTS, ConfigError, get_parser
+from models.albef import ALBEFConfig
+from models.checkpoint import load_weights
+from models.classifier_eval import evaluate_classifier
+from models.model_ve import ALBEFVE
+from models.tokenizer import TextTokenizer
+
+logger = logging.getLogger("albef.classifier")
+
+# Keys of every classification task (SNLI-VE, NLVR2) with their defaults.
+CLASSIFIER_DEFAULTS: dict[str, Any] = {
+    **COMMON_DEFAULTS,
+    "image_root": "",
+    "image_res": 384,
+    "momentum": 0.995,  # hard-coded in the official VE / NLVR models
+    "alpha": 0.4,
+    "distill": True,  # momentum twins and the distillation term
+    "max_words": 30,  # words kept by pre_caption
+    "max_tokens": 512,  # tokenizer length incl. [CLS]; the official code does not truncate (pre_caption does)
+    "crop_scale": [0.5, 1.0],  # RandomResizedCrop scale of fine-tuning
+    "randaug": True,  # RandomAugment(2, 7) in training
+    "eval_amp": "off",  # autocast of evaluation on CUDA: 'off' | 'bf16' | 'fp16'
+    # Momentum twins that --checkpoint lacks (TA checkpoint, fine-tuning from a retrieval model): 'loaded' = copies
+    # of the loaded weights; 'random' = official (copy_params() runs before loading: they keep the random init).
+    "teacher_init": "loaded",
+    "optimizer": {"opt": "adamW", "lr": 2e-5, "weight_decay": 0.02},
+}
+
+DEFAULTS: dict[str, Any] = {
+    **CLASSIFIER_DEFAULTS,
+    "train_file": "",  # JSON of {image, sentence, label}; image: Flickr30K id (image_root/<id>.jpg)
+    "val_file": "",
+    "test_file": "",
+    "batch_size_train": 32,  # per GPU
+    "batch_size_test": 64,
+    "warm_up": False,  # ramp alpha over epoch 0
+    "schedular": {"sched": "cosine", "lr": 2e-5, "epochs": 5, "min_lr": 1e-6, "decay_rate": 1,
+                  "warmup_lr": 1e-5, "warmup_epochs": 1, "cooldown_epochs": 0},
+}
+
+
+def check_config(config: dict, model_config: ALBEFConfig) -> None:
+    """Reject values the schema's types cannot catch."""
+    if config["teacher_init"] not in ("loaded", "random"):
+        raise ConfigError(f"teacher_init must be 'loaded' or 'random', not {config['teacher_init']!r}")
+    if config["eval_amp"] not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"eval_amp must be 'off', 'bf16' or 'fp16', not {config['eval_amp']!r}")
+    if not 2 <= config["max_tokens"] <= model_config.bert.max_position_embeddings:
+        raise ConfigError(f"max_tokens {config['max_tokens']} must be in [2, max_position_embeddings "
+                          f"{model_config.bert.max_position_embeddings}]")
+
+
+def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device) -> Callable:
+    """Batch -> ``{'loss', 'acc'}``; the batch is (images..., sentences, labels (B,)): one image tensor (B, 3, R, R)
+    for SNLI-VE, two for NLVR2 (concatenated to (2B, 3, R, R): first images, then second images)."""
+
+    def step(model: torch.nn.Module, batch: tuple, alpha: float, global_step: int) -> dict[str, torch.Tensor]:
+        *images, sentences, labels = batch
+        text = tokenizer(sentences, max_length=config["max_tokens"]).to(device, non_blocking=True)
+        image = torch.cat(images).to(device, non_blocking=True)
+        return model(image, text.input_ids, text.attention_mask, labels.to(device, non_blocking=True), alpha=alpha)
+
+    return step
+
+
+def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device, class_names: Sequence[str],
+                   batch_size: int) -> Callable[[torch.nn.Module, Dataset], dict]:
+    """``evaluate(model, dataset) -> metrics`` (each example once across ranks)."""
+
+    def evaluate(model: torch.nn.Module, dataset: Dataset) -> dict:
+        return evaluate_classifier(model, dataset, tokenizer, device, class_names, batch_size, config["max_tokens"],
+                                   config["num_workers"], config["eval_amp"])
+
+    return evaluate
+
+
+def flat_metrics(split: str, metrics: dict) -> dict[str, float]:
+    """The scalar metrics of one split for ``log.txt``: ``val_acc``, ``val_n``, ``val_acc_<class>`` ..."""
+    out = {f"{split}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    out.update({f"{split}_acc_{name}": v for name, v in metrics.get("per_class_acc", {}).items()})
+    return out
+
+
+def write_results(output_dir: str, results: dict, name: str) -> None:
+    """Append one line to ``log.txt`` and write ``result/<name>_metrics.json`` (rank 0)."""
+    line = {k: v for k, v in results.items() if not isinstance(v, dict)}
+    for split in ("val", "test"):
+        line.update(flat_metrics(split, results.get(split, {})))
+    logs.append_jsonl(os.path.join(output_dir, "log.txt"), line)
+    if distributed.is_main_process():
+        os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
+        with open(os.path.join(output_dir, "result", f"{name}_metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(logs.round32(results), f, indent=2)
+    logger.info("%s results: %s", name, json.dumps(logs.round32(line)))
+
+
+def run_evaluation(model: torch.nn.Module, args: argparse.Namespace, splits: dict, evaluate: Callable,
+                   device: torch.device) -> dict:
+    """``--evaluate``: the ``--checkpoint`` weights on val and test."""
+    if args.checkpoint:
+        report = load_weights(model, args.checkpoint)
+        if report.fresh_heads:
+            logger.warning("%s has no classifier head (%s): the evaluated head is untrained; evaluate a fine-tuned "
+                           "checkpoint", args.checkpoint, ", ".join(report.fresh_heads))
+    else:
+        logger.warning("--evaluate without --checkpoint: evaluating a randomly initialised model")
+    model.to(device)
+    results: dict = {"mode": "evaluate", "checkpoint": args.checkpoint}
+    for split, dataset in splits.items():
+        results[split] = evaluate(model, dataset)
+    return results
+
+
+def load_initial_weights(model: torch.nn.Module, args: argparse.Namespace, config: dict) -> argparse.Namespace:
+    """Load ``--checkpoint`` (unless resuming) with the configured ``teacher_init``; returns the arguments for
+    ``trainer.fit`` (without the checkpoint, which is loaded already)."""
+    if not args.checkpoint or args.resume:
+        return args
+    report = load_weights(model, args.checkpoint, init_momentum=config["teacher_init"] == "loaded")
+    if report.momentum_kept:
+        logger.info("teacher_init 'random' (official): %s keep their random initialisation",
+                    ", ".join(report.momentum_kept))
+    return argparse.Namespace(**{**vars(args), "checkpoint": ""})
+
+
+def run_training(model: torch.nn.Module, args: argparse.Namespace, config: dict, train_set: Dataset, splits: dict,
+                 evaluate: Callable, step_fn: Callable, batch_size: int, device: torch.device) -> dict:
+    """Fine-tune with ``trainer.fit`` (val each epoch, best on ``val_acc``), then evaluate the best on test."""
+    loader = create_loader(train_set, batch_size, config["num_workers"], shuffle=True, seed=args.seed,
+                           drop_last=True, rank=distributed.get_rank(), world_size=distributed.get_world_size())
+    history: dict[int, dict] = {}
+
+    def evaluate_val(m: torch.nn.Module, epoch: int) -> dict:
+        if "val" not in splits:
+            return {}
+        history[epoch] = evaluate(m, splits["val"])
+        return flat_metrics("val", history[epoch])
+
+    fit_args = load_initial_weights(model, args, config)
+    record = trainer.fit(model, loader, step_fn, config, fit_args, device, evaluate_val,
+                         score="val_acc" if "val" in splits else None)
+    results: dict = {"mode": "train", "checkpoint": args.checkpoint, "last_epoch": record.get("epoch")}
+    best = os.path.join(args.output_dir, "checkpoint_best.pth")
+    if os.path.isfile(best):
+        state = checkpoint_io.load_checkpoint_file(best)
+        model.load_state_dict(state["model"])
+        results.update(best_epoch=state["epoch"], evaluated="checkpoint_best.pth")
+        if "val" in splits:
+            results["val"] = history.get(state["epoch"]) or evaluate(model, splits["val"])
+    if "test" in splits:
+        results["test"] = evaluate(model, splits["test"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Fine-tune and/or evaluate on SNLI-VE; returns the results written to ``ve_metrics.json``."""
+    args = get_parser(__doc__).parse_args(argv)
+    config, device = trainer.setup_run(args, DEFAULTS)
+    model_config = ALBEFConfig.from_config(config)
+    check_config(config, model_config)
+    tokenizer = TextTokenizer(args.text_encoder)
+    model = ALBEFVE(model_config)
+    test_transform = build_transform("test", config["image_res"])
+    splits = {split: VEDataset(config[f"{split}_file"], test_transform, config["image_root"], config["max_words"])
+              for split in ("val", "test") if config[f"{split}_file"]}
+    evaluate = make_evaluator(config, tokenizer, device, VE_CLASS_NAMES, config["batch_size_test"])
+    if args.evaluate:
+        results = run_evaluation(model, args, splits, evaluate, device)
+    else:
+        transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
+                                    randaug=config["randaug"])
+        train_set = VEDataset(config["train_file"], transform, config["image_root"], config["max_words"])
+        logger.info("%d training hypotheses", len(train_set))
+        results = run_training(model, args, config, train_set, splits, evaluate,
+                               make_step_fn(tokenizer, config, device), config["batch_size_train"], device)
+    write_results(args.output_dir, results, "ve")
+    distributed.barrier()
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(trainer.run_main(main))
