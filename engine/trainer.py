@@ -9,14 +9,14 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 import utils
-from engine import run_state, signals
+from engine import checks, run_state, signals
 from engine.checkpoint_io import (
     CheckpointError,
     checkpoint_name,
@@ -51,12 +51,19 @@ logger = logging.getLogger(__name__)
 
 
 
-def setup_run(args: argparse.Namespace, defaults: dict) -> tuple[dict, torch.device]:
-    """Distributed init, config, output folder, logging, seeds, toy world. Returns (config, device)."""
+def setup_run(args: argparse.Namespace, defaults: dict,
+              hooks: Iterable[checks.Hook] = ()) -> tuple[dict, torch.device]:
+    """Distributed init, config, output folder, logging, seeds, toy world. Returns (config, device).
+
+    ``--device`` and the config are checked (``engine.checks``: the common rules and the task's ``hooks``) before
+    anything is written: a bad value ends in one ``ConfigError`` line.
+    """
+    args.device = checks.check_device(args.device)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     init_distributed_mode(args)
     config = load_config(args.config, defaults, args.override)
+    checks.check_config(config, args.config + (" with --override" if args.override else ""), hooks)
     run_state.check_output_dir_use(args)
     _check_output_dir(args.output_dir)
     setup_logging(args.output_dir, get_rank())
@@ -195,6 +202,7 @@ def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, ar
     that picks ``checkpoint_best.pth``; the log line repeats its value as ``score``. Raises ``KeyError``
     naming the metrics when the evaluator does not return it. Returns the last log record.
     """
+    from dataset.sampler import plan_epoch
     from models.checkpoint import load_weights
     from optim import create_optimizer
     from scheduler import create_scheduler
@@ -208,12 +216,12 @@ def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, ar
     if args.resume:
         start_epoch, start_step, saved = _resume(args, model, optimizer, scheduler, scaler, config)
         extra.update(saved)
-    elif args.checkpoint:
-        load_weights(model, args.checkpoint)
+    if args.checkpoint and (not args.resume or (start_epoch, start_step) == (0, 0)):
+        load_weights(model, args.checkpoint)  # --resume with no checkpoint yet starts from --checkpoint
     logger.info("parameters: %d in all, %d trainable", *count_parameters(model))
     train_model = wrap_model(model, config, device)
     counter = {"skipped": extra["skipped"], "nonfinite": 0}
-    batch_size, epochs = loader.batch_size, config["schedular"]["epochs"]
+    epochs = config["schedular"]["epochs"]
     finish = _EpochEnd(model, args, extra, evaluate, score)
     record = finish.after_resume(start_epoch, start_step)
     if start_epoch >= epochs:
@@ -226,6 +234,7 @@ def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, ar
     clock = {"start": time.perf_counter(), "before": extra.get("train_seconds") or 0.0 if start_step else 0.0}
 
     def save(epoch: int, step: int | None) -> str:
+        extra["position"] = None if step is None else plan.position(step)  # global samples consumed
         extra["skipped"] = counter["skipped"]
         extra["metrics"] = None if step is None else metrics.state_dict()
         extra["train_seconds"] = None if step is None else clock["before"] + time.perf_counter() - clock["start"]
@@ -242,9 +251,10 @@ def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, ar
 
     with signals.deferred():
         for epoch in range(start_epoch, epochs):
-            loader.sampler.set_epoch(epoch)
-            steps_per_epoch = len(loader)
-            loader.sampler.set_start(start_step * batch_size)
+            # continue from the checkpoint's sample under any batch size and process count (or one clear error)
+            plan = plan_epoch(loader, epoch, start_step, extra.get("position"), get_world_size())
+            steps_per_epoch = plan.steps
+            extra.setdefault("global_step", epoch * plan.steps)  # optimizer steps before this epoch
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             stats = train_one_epoch(
@@ -252,12 +262,13 @@ def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, ar
                 warm_up=config["warm_up"], amp=config["amp"], scaler=scaler, grad_clip=config["grad_clip"],
                 start_step=start_step, on_step=checkpoint_mid_epoch, nonfinite=config["nonfinite"],
                 max_skipped=config["max_skipped_images"], skip_counter=counter, log_every=config["log_every"],
-                metrics=metrics)
-            start_step = 0
+                metrics=metrics, step_offset=extra["global_step"],
+                epoch_fraction=plan.fraction if start_step else None)
+            start_step, extra["global_step"] = 0, extra["global_step"] + plan.steps
             seconds = clock["before"] + time.perf_counter() - clock["start"]
             extra["record"] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
                                "skipped_images": counter["skipped"], "epoch_seconds": seconds,
-                               "samples_per_s": steps_per_epoch * batch_size * get_world_size() / max(seconds, 1e-9),
+                               "samples_per_s": plan.samples_at(plan.steps) / max(seconds, 1e-9),
                                "peak_mem_mb": peak_memory_mb(device)}
             path = save(epoch, None)  # before evaluation: a failing evaluation cannot lose the epoch
             if signals.stop_requested():
