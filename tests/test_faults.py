@@ -1,0 +1,248 @@
+"""Faults users reported, rebuilt as small inputs: uneven batches across processes, resume after a batch-size or
+process-count change, and the start-up constraint checks (each a test that failed before the fix)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import ROOT, tiny_albef
+from dataset import DataError, ResumableSampler
+from engine.train_loop import train_one_epoch
+from models.albef import ALBEFBase
+from models.model_retrieval import ALBEFRetrieval
+
+
+# ------------------------------------------------------------------ 1. uneven batches under several processes
+def _enqueue(rank: int, out: str) -> None:
+    """Rank 0 enqueues 4 rows, rank 1 three (it lost an unreadable image)."""
+    torch.manual_seed(0)  # the same initial queues on both ranks
+    base = ALBEFBase(tiny_albef(queue_size=12), momentum=False)
+    retrieval = ALBEFRetrieval(tiny_albef(queue_size=12))
+    rows = 4 if rank == 0 else 3
+    feats = torch.nn.functional.normalize(torch.randn(2, rows, 16, generator=torch.Generator().manual_seed(rank)),
+                                          dim=-1)
+    base.enqueue(feats[0], feats[1])
+    retrieval.enqueue(feats[0], feats[1], torch.arange(rows) + 10 * rank)
+    torch.save({"feats": feats, "base": base.state_dict(), "retrieval": retrieval.state_dict()},
+               f"{out}.enqueue.{rank}")
+
+
+class _Scheduler:
+    def step(self, epoch: int, step: int) -> float:
+        return 1.0
+
+
+def _train_loop(rank: int, out: str) -> None:
+    """Three steps of a DDP linear model; rank 0's rows per step: 4, 4, 0; rank 1's: 2, 4, 4."""
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1, bias=False))
+    data = torch.Generator().manual_seed(5)
+    xs = [torch.randn(4, 3, generator=data) for _ in range(6)]  # (step, rank) -> up to 4 rows
+    rows = {(0, 0): 4, (0, 1): 4, (0, 2): 0, (1, 0): 2, (1, 1): 4, (1, 2): 4}
+    loader = []
+    for step in range(3):
+        n = rows[(rank, step)]
+        loader.append((xs[2 * step + rank][:n], 4 - n) if n else (4,))  # collate_skip_none: fields, dropped count
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def step_fn(m: torch.nn.Module, batch: tuple, alpha: float, global_step: int) -> dict:
+        return {"loss": m(batch[0]).square().mean()}
+
+    counter: dict = {}
+    train_one_epoch(model, loader, optimizer, _Scheduler(), 1, step_fn, device=torch.device("cpu"), alpha=0.0,
+                    warm_up=False, skip_counter=counter)
+    torch.save({"weight": model.module.weight.detach(), "xs": xs, "counter": counter}, f"{out}.loop.{rank}")
+
+
+def _uneven_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _enqueue(rank, out)
+        _train_loop(rank, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def uneven_run(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One pair of gloo processes runs both uneven-batch cases (a spawn costs more than the cases)."""
+    out = tmp_path_factory.mktemp("uneven")
+    mp.spawn(_uneven_worker, args=(2, str(out / "init"), str(out / "out")), nprocs=2)
+    return str(out / "out")
+
+
+def test_enqueue_takes_every_row_of_uneven_ranks(uneven_run: str) -> None:
+    """Rank 0 holds 4 rows, rank 1 holds 3: both queues receive all 7 in rank order, the pointer moves by 7
+    (before: gloo aborted with 'Received data size doesn't match expected size')."""
+    saved = [torch.load(f"{uneven_run}.enqueue.{r}", weights_only=True) for r in range(2)]
+    image = torch.cat([saved[0]["feats"][0], saved[1]["feats"][0]])  # (7, E)
+    text = torch.cat([saved[0]["feats"][1], saved[1]["feats"][1]])
+    for name in ("base", "retrieval"):
+        state = [s[name] for s in saved]
+        for key in state[0]:
+            assert torch.equal(state[0][key], state[1][key]), (name, key)  # identical on both ranks
+        assert state[0]["queue_ptr"].item() == 7
+        assert torch.equal(state[0]["image_queue"][:, :7], image.t())
+        assert torch.equal(state[0]["text_queue"][:, :7], text.t())
+    assert saved[0]["retrieval"]["idx_queue"][0, :8].tolist() == [0, 1, 2, 3, 10, 11, 12, -100]
+
+
+def test_ranks_agree_on_short_and_empty_batches(uneven_run: str) -> None:
+    """A short batch: every row of the global batch weighs the same in the gradient. A batch left empty on one
+    rank: every rank skips that step (before, the other rank waited in DDP's all-reduce)."""
+    saved = [torch.load(f"{uneven_run}.loop.{r}", weights_only=True) for r in range(2)]
+    assert torch.equal(saved[0]["weight"], saved[1]["weight"])
+    assert saved[0]["counter"]["empty_steps"] == saved[1]["counter"]["empty_steps"] == 1
+    assert saved[0]["counter"]["skipped"] == 4 and saved[1]["counter"]["skipped"] == 2
+    xs = saved[0]["xs"]
+    torch.manual_seed(0)
+    single = torch.nn.Linear(3, 1, bias=False)  # one process, the global batch of each step
+    optimizer = torch.optim.SGD(single.parameters(), lr=1.0)
+    for x in (torch.cat([xs[0], xs[1][:2]]), torch.cat([xs[2], xs[3]])):  # 6 rows, then 8; step 3 skipped
+        single(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.allclose(saved[0]["weight"], single.weight.detach(), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------ 2. resume under another batch size or process count
+def _trained_steps(n: int, batch: int, world: int, start: int, seed: int = 42) -> tuple[list[list[int]], int]:
+    """The samples each step of a resumed epoch trains on (all ranks together, sorted), and its steps."""
+    samplers = [ResumableSampler(n, True, seed, rank=r, world_size=world, batch_size=batch) for r in range(world)]
+    shards = []
+    for s in samplers:
+        s.set_epoch(3)
+        s.resume_from(start)
+        shards.append(list(s))
+    steps = len(shards[0]) // batch
+    return [sorted(i for shard in shards for i in shard[k * batch:(k + 1) * batch]) for k in range(steps)], steps
+
+
+@pytest.mark.parametrize("batch, world", [(8, 1), (2, 1), (4, 2), (3, 3), (1, 5)])
+def test_sampler_resumes_at_the_global_sample_under_any_batch_and_world(batch: int, world: int) -> None:
+    """An epoch of 40 samples checkpointed after 4 steps of 4 (16 samples): the rest of the epoch is the rest of
+    the same order, none repeated, none skipped, cut only to whole global batches (before: batch 8 raised 'cannot
+    skip 32 samples of a 24-sample shard', batch 2 trained 8 samples twice)."""
+    full = ResumableSampler(40, True, 42, batch_size=4)
+    full.set_epoch(3)
+    order = full.full_order()
+    assert list(full)[:16] == order[:16]
+    rest, steps = _trained_steps(40, batch, world, start=16)
+    assert steps == 24 // (batch * world)
+    g = batch * world  # each step consumes the next g samples of the epoch's order
+    assert rest == [sorted(order[16 + k * g:16 + (k + 1) * g]) for k in range(steps)]
+    sampler = ResumableSampler(40, True, 42, rank=0, world_size=world, batch_size=batch)
+    sampler.resume_from(16)
+    assert sampler.epoch_samples() == 16 + steps * batch * world
+
+
+def test_sampler_refuses_a_position_beyond_the_data() -> None:
+    sampler = ResumableSampler(40, True, 42, batch_size=4)
+    with pytest.raises(DataError, match="cannot resume at sample 48 of an epoch of 40"):
+        sampler.resume_from(48)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        ResumableSampler(7, True, 0, world_size=2, batch_size=4)
+
+
+TINY = ["bert_config=configs/toy/config_bert.json", "image_res=32", "vision_width=128",
+        "vit={patch_size: 8, depth: 2, heads: 4}", "embed_dim=32", "queue_size=40", "num_workers=0", "max_tokens=24",
+        "log_every=0", "itc_warmup_steps=0", "randaug=false"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from dataset.toy_world import ensure_toy_world
+
+    return ensure_toy_world(str(tmp_path_factory.mktemp("toy")), n_train=40, n_val=4, n_test=4)
+
+
+def numbered(world: str, path: str, n: int = 40, bad: dict[int, str] | None = None) -> str:
+    """The toy world's first ``n`` images with the captions 'caption number i' (a caption names its item);
+    ``bad`` replaces the image of item i by a path (an unreadable image)."""
+    items = json.load(open(os.path.join(world, "pretrain.json")))[:n]
+    rows = [{"image": (bad or {}).get(i, it["image"]), "caption": f"caption number {i}"} for i, it in enumerate(items)]
+    with open(path, "w") as f:
+        json.dump(rows, f)
+    return path
+
+
+def pretrain_argv(world: str, ann: str, out: str, *extra: str) -> list[str]:
+    return ["--config", os.path.join(ROOT, "configs/toy/Pretrain.yaml"), "--output_dir", out, "--device", "cpu",
+            "--override", f"toy_world={world}", f"train_file=[{ann}]", *TINY, "schedular.epochs=1", *extra]
+
+
+def recorded_run(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> list[dict]:
+    """Pretrain.main(argv) in this process, recording each step's item numbers, alpha and global step."""
+    import Pretrain
+
+    records: list[dict] = []
+    make = Pretrain.make_step_fn
+
+    def probed_make(tokenizer: object, config: dict, device: torch.device):
+        step = make(tokenizer, config, device)
+
+        def probed(model: torch.nn.Module, batch: tuple, alpha: float, global_step: int) -> dict:
+            records.append({"items": [int(c.split()[-1]) for c in batch[1]], "alpha": alpha, "step": global_step})
+            return step(model, batch, alpha, global_step)
+
+        return probed
+
+    monkeypatch.setattr(Pretrain, "make_step_fn", probed_make)
+    Pretrain.main(argv)
+    return records
+
+
+@pytest.fixture(scope="module")
+def interrupted(world: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[dict]]:
+    """One epoch of 40 items at batch 4 (10 steps) with a checkpoint after step 4: (annotations, checkpoint,
+    the steps of the uninterrupted epoch)."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    ann = numbered(world, str(tmp / "ann.json"))
+    with pytest.MonkeyPatch.context() as mp_:
+        steps = recorded_run(mp_, pretrain_argv(world, ann, str(tmp / "run"), "batch_size=4", "save_every=4",
+                                                "keep_last=5"))
+    return ann, str(tmp / "run" / "checkpoint_00_000004.pth"), steps
+
+
+@pytest.mark.parametrize("batch", [8, 2])
+def test_resume_with_another_batch_size_continues_from_the_sample(world: str, interrupted: tuple, tmp_path,
+                                                                   monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """Before: batch 8 stopped with 'cannot skip 32 samples of a 24-sample shard'; batch 2 skipped 8 samples
+    instead of 16, training 8 twice. Now the resumed epoch trains exactly the 24 items the uninterrupted epoch
+    had left, in the same order; the step counter continues from 4, alpha follows the share of samples done."""
+    ann, checkpoint, full = interrupted
+    assert len(full) == 10 and torch.load(checkpoint, weights_only=False)["extra"]["position"]["samples"] == 16
+    steps = recorded_run(monkeypatch, pretrain_argv(world, ann, str(tmp_path / "out"), f"batch_size={batch}",
+                                                    "--resume", checkpoint))
+    assert len(steps) == 24 // batch
+    assert [i for s in steps for i in s["items"]] == [i for s in full[4:] for i in s["items"]]
+    assert [s["step"] for s in steps] == list(range(4, 4 + 24 // batch))
+    assert [s["alpha"] for s in steps] == pytest.approx([0.4 * (16 + batch * j) / 40 for j in range(24 // batch)])
+    log = json.load(open(tmp_path / "out" / "log.txt"))
+    assert log["epoch"] == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ("data", "the training data changed since the mid-epoch checkpoint (40 samples then, 36 now)"),
+    ("seed", "comes from --seed 42 (now 7): resume with --seed 42"),
+])
+def test_resume_that_cannot_continue_says_why(world: str, interrupted: tuple, tmp_path, caplog, change: str,
+                                              message: str) -> None:
+    import Pretrain
+    from engine.trainer import run_main
+
+    ann, checkpoint, _ = interrupted
+    extra = ["--seed", "7"] if change == "seed" else []
+    if change == "data":
+        ann = numbered(world, str(tmp_path / "fewer.json"), n=36)
+    code = run_main(lambda: Pretrain.main(pretrain_argv(world, ann, str(tmp_path / "out"), "batch_size=4",
+                                                        "--resume", checkpoint, *extra)))
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not os.path.exists(tmp_path / "out" / "log.txt")
