@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -142,3 +144,90 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self._remaining() // self.world_size
+
+
+@dataclass
+class EpochPlan:
+    """Where an epoch starts and how its steps map to samples consumed by all processes together.
+
+    ``steps`` counts the whole epoch: the ``start_step`` optimizer steps done before a resume (under whatever
+    batch size) plus this iteration's. ``identity``: what the position depends on, saved with it.
+    """
+
+    start_step: int
+    start_samples: int
+    global_batch: int
+    steps: int
+    identity: dict = field(default_factory=dict)
+
+    def samples_at(self, step: int) -> int:
+        """Global samples consumed before step ``step`` (``>= start_step``) of this epoch."""
+        return self.start_samples + (step - self.start_step) * self.global_batch
+
+    def fraction(self, step: int) -> float:
+        """Share of the epoch's samples consumed before ``step``: the alpha ramp's position."""
+        return self.samples_at(step) / max(self.samples_at(self.steps), 1)
+
+    def position(self, step: int) -> dict:
+        """What a checkpoint written after ``step`` steps records: ``samples`` consumed and ``identity``."""
+        return {"samples": self.samples_at(step), **self.identity}
+
+
+def plan_epoch(loader: Any, epoch: int, start_step: int = 0, position: dict | None = None,
+               world_size: int = 1) -> EpochPlan:
+    """Select ``epoch`` on ``loader.sampler`` and, after ``start_step`` steps of a mid-epoch checkpoint, start
+    at the global sample ``position['samples']`` whatever batch size and number of processes wrote it.
+
+    A loader whose sampler has ``resume_from`` (``ResumableSampler``) continues from that sample under any
+    batch size and world size; one with only ``set_start`` (per-rank streams, e.g. WebDataset shards) needs
+    the batch layout it was saved with. A checkpoint without ``position`` (written before positions were
+    recorded) is taken to have the current layout.
+
+    Raises:
+        DataError: the data or seed changed since the checkpoint, or the loader cannot continue from it.
+    """
+    sampler = loader.sampler
+    sampler.set_epoch(epoch)
+    batch = int(loader.batch_size)
+    identity = {"batch_size": batch, "world_size": world_size, "global_batch": batch * world_size,
+                "dataset_len": getattr(sampler, "dataset_len", None), "seed": getattr(sampler, "seed", None)}
+    samples = 0
+    if start_step:
+        if position is None:
+            samples = start_step * batch * world_size
+            logger.warning("the checkpoint records no sample position: assuming it was written with batch size "
+                           "%d x %d process(es)", batch, world_size)
+        else:
+            samples = int(position["samples"])
+            _check_same_order(position, identity, epoch)
+        _start_at(sampler, samples, position, identity)
+    return EpochPlan(start_step, samples, batch * world_size, start_step + len(loader), identity)
+
+
+def _check_same_order(saved: dict, now: dict, epoch: int) -> None:
+    """The epoch's order depends on the data and the seed: a position in another order means nothing."""
+    before = f"resume from checkpoint_{epoch - 1:02d}.pth (the end of the previous epoch)" if epoch else \
+        "start again"
+    if None not in (saved.get("dataset_len"), now["dataset_len"]) and saved["dataset_len"] != now["dataset_len"]:
+        raise DataError(f"the training data changed since the mid-epoch checkpoint ({saved['dataset_len']} samples "
+                        f"then, {now['dataset_len']} now): its position in epoch {epoch} cannot carry over; restore "
+                        f"the data or {before}")
+    if None not in (saved.get("seed"), now["seed"]) and saved["seed"] != now["seed"]:
+        raise DataError(f"the mid-epoch checkpoint's data order comes from --seed {saved['seed']} (now "
+                        f"{now['seed']}): resume with --seed {saved['seed']}")
+
+
+def _start_at(sampler: Any, samples: int, saved: dict | None, now: dict) -> None:
+    if hasattr(sampler, "resume_from"):
+        if saved is not None and saved.get("global_batch") != now["global_batch"]:
+            logger.info("resuming at sample %d with batch size %d x %d process(es) (the checkpoint's: %s x %s)",
+                        samples, now["batch_size"], now["world_size"], saved.get("batch_size"),
+                        saved.get("world_size"))
+        sampler.resume_from(samples)
+        return
+    layout = (now["batch_size"], now["world_size"])
+    if saved is not None and (saved.get("batch_size"), saved.get("world_size")) != layout:
+        raise DataError(f"this loader resumes mid-epoch only with the batch layout of the checkpoint (batch size "
+                        f"{saved.get('batch_size')} x {saved.get('world_size')} process(es), now {layout[0]} x "
+                        f"{layout[1]}): resume with that layout, or from the previous epoch's checkpoint")
+    sampler.set_start(samples // now["world_size"])

@@ -26,8 +26,6 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
-
 from engine.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -230,6 +228,8 @@ def check_device(device: str | None) -> str | None:
     the default. Raises ``ConfigError`` for an unknown device or one this machine does not have."""
     if device is None:
         return None
+    import torch  # here: the rules need no torch (scripts/validate_data.py, --help stay light)
+
     name = device.strip().lower()
     if name == "gpu" or name.startswith("gpu:"):
         name = "cuda" + name[3:]
