@@ -14,6 +14,7 @@ agent, a few milliseconds apart; signals within ``SAME_REQUEST_S`` of the first 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -52,8 +53,11 @@ class _State:
         self.deferring = False
         self.requested: int | None = None  # the first signal's number
         self.first_at = 0.0
+        self.pid = os.getpid()
 
     def handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked data-loading worker: the training process decides, the workers end with it
         now = time.monotonic()
         if self.requested is not None and now - self.first_at < SAME_REQUEST_S:
             return  # the launcher forwarding the same Ctrl-C
@@ -71,6 +75,7 @@ def _install() -> dict[int, Any] | None:
     """Install the handler; returns the previous handlers, None off the main thread (no handlers there)."""
     if threading.current_thread() is not threading.main_thread():
         return None
+    _state.pid = os.getpid()
     return {sig: signal.signal(sig, _state.handle) for sig in _SIGNALS}
 
 

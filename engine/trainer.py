@@ -239,7 +239,9 @@ def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, ar
         extra["metrics"] = None if step is None else metrics.state_dict()
         extra["train_seconds"] = None if step is None else clock["before"] + time.perf_counter() - clock["start"]
         state = _training_state(model, optimizer, scheduler, scaler, config, epoch, step, {"extra": extra})
-        return save_checkpoint(state, args.output_dir, checkpoint_name(epoch, step), config["keep_last"])
+        path = save_checkpoint(state, args.output_dir, checkpoint_name(epoch, step), config["keep_last"])
+        barrier()  # no rank moves on (or exits after a stop) while rank 0 is still writing
+        return path
 
     def checkpoint_mid_epoch(epoch: int, step: int) -> None:
         if step >= steps_per_epoch:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 import utils
 from conftest import ROOT
 from dataset import create_loader
-from engine import checkpoint_io, logs, run_state, signals, trainer
+from engine import checkpoint_io, distributed, logs, run_state, signals, trainer
 from engine.config import ConfigError, get_parser, load_config
 
 # ------------------------------------------------------------------ a tiny run of fit
@@ -80,7 +80,8 @@ def run_fit(out: str, config: dict, resume: str | None = None, hook=None, evalua
     utils.set_seed(0)
     torch.manual_seed(init_seed)  # a resumed run must not depend on its initial weights
     model = torch.nn.Linear(4, 1)
-    loader = create_loader(Pairs(), 4, 0, shuffle=True, seed=0, drop_last=True)
+    loader = create_loader(Pairs(), 4, 0, shuffle=True, seed=0, drop_last=True, rank=distributed.get_rank(),
+                           world_size=distributed.get_world_size())
     return trainer.fit(model, loader, step_fn(hook), config, args_of(out, resume), torch.device("cpu"),
                        evaluate=evaluate, score=score)
 
@@ -166,6 +167,37 @@ def test_second_signal_during_a_checkpoint_write_leaves_the_previous_one(referen
     run_fit(out, config_of(save_every=2), resume="latest", init_seed=1)
     a, b = weights(os.path.join(reference, "checkpoint_01.pth")), weights(os.path.join(out, "checkpoint_01.pth"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _two_rank_stop(rank: int, init_file: str, root: str) -> None:
+    """Rank 1 alone gets SIGTERM: both ranks stop after the same step, rank 0 writes the checkpoint, and the
+    resumed run matches an uninterrupted one (weights exactly, epoch means up to float32 summation order)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ref, out = os.path.join(root, "ref"), os.path.join(root, "out")
+        run_fit(ref, config_of())
+        try:
+            run_fit(out, config_of(), hook=kill_self_at(1) if rank == 1 else None)
+            stopped = "finished"
+        except signals.RunInterrupted as exc:
+            stopped = str(exc)
+        files = sorted(os.listdir(out))
+        run_fit(out, config_of(), resume="latest", init_seed=1)
+        torch.save({"stopped": stopped, "files": files}, os.path.join(root, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_stop_together_and_resume(tmp_path) -> None:
+    torch.multiprocessing.spawn(_two_rank_stop, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert "stopped by SIGTERM at epoch 0, iteration 2" in result["stopped"] or rank == 0
+        assert result["stopped"] != "finished" and result["files"] == ["checkpoint_00_000002.pth"]
+    a, b = weights(str(tmp_path / "ref" / "checkpoint_01.pth")), weights(str(tmp_path / "out" / "checkpoint_01.pth"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for x, y in zip(read_log(str(tmp_path / "ref")), read_log(str(tmp_path / "out"))):
+        assert train_means(x) == pytest.approx(train_means(y), rel=1e-6)
 
 
 def test_sigterm_to_a_pretraining_process(tmp_path) -> None:
