@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from dataset.shards import SHARD_DEFAULTS, ShardLoader, build_pretrain_loader, h
 from dataset.transforms import CLIP_MEAN, CLIP_STD, build_transform
 from dataset.validate import DataError, load_annotations, validate_config_files
 from dataset.ve_dataset import VEDataset
+from dataset.vqa_dataset import VQATestDataset, VQATrainDataset, load_answer_list, vqa_collate
 
 __all__ = [
     "CLIP_MEAN",
@@ -43,17 +44,21 @@ __all__ = [
     "RetrievalTrainDataset",
     "SafeImageLoader",
     "VEDataset",
+    "VQATestDataset",
+    "VQATrainDataset",
     "build_pretrain_loader",
     "build_transform",
     "collate_skip_none",
     "create_loader",
     "has_shards",
     "load_annotations",
+    "load_answer_list",
     "load_image",
     "pre_caption",
     "pre_question",
     "seed_worker",
     "validate_config_files",
+    "vqa_collate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,6 +113,7 @@ def create_loader(
     drop_last: bool,
     rank: int = 0,
     world_size: int = 1,
+    collate_fn: Callable[[list], tuple] = collate_skip_none,
 ) -> DataLoader:
     """Build a DataLoader over a :class:`ResumableSampler` shard of ``dataset``.
 
@@ -125,6 +131,8 @@ def create_loader(
         drop_last: keep only full batches (training).
         rank: this process's rank.
         world_size: number of ranks.
+        collate_fn: batch collation; it must end each batch with the dropped-sample count
+            (``collate_skip_none``, ``dataset.vqa_dataset.vqa_collate``).
 
     Returns:
         The DataLoader; each batch is ``collate_skip_none``'s output.
@@ -145,7 +153,7 @@ def create_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_skip_none,
+        collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,

@@ -25,12 +25,17 @@ the tests and the benchmark compare against.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
+from dataset import collate_skip_none
+from engine import distributed
 from models.decoder import AnswerDecoder
 from models.tokenizer import TextBatch, TextTokenizer
 
@@ -143,3 +148,47 @@ def top_answers(
     n = min(n, answer_ids.size(1))
     return [[(answer_list[i], p) for i, p in zip(row_ids, row_probs)]
             for row_ids, row_probs in zip(answer_ids[:, :n].tolist(), probs[:, :n].tolist())]
+
+
+@torch.no_grad()
+def predict_answers(
+    model: torch.nn.Module, dataset: Dataset, tokenizer: TextTokenizer, answers: TextBatch, device: torch.device,
+    k: int, batch_size: int, max_tokens: int, top_n: int = 1, num_workers: int = 0, amp: str = "off",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank the answer list for every question of ``dataset`` (items ``(image, question, item index)``).
+
+    ``model.rank`` does the work; under ``torchrun`` each rank takes a contiguous share
+    (``engine.distributed.shard_range``) and the shares are gathered in rank order, so every question is
+    answered once. Returns, on every rank, item indices (n,), answer-list indices (n, top_n) and their
+    probabilities (n, top_n), best first; questions whose image was unreadable are absent (n < len(dataset)).
+    """
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(*distributed.shard_range(len(dataset))))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_skip_none, pin_memory=device.type == "cuda")
+    answer_ids, answer_atts = answers.input_ids.to(device), answers.attention_mask.to(device)
+    top_n = min(top_n, k)
+    indices, ids, probs = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, top_n, dtype=torch.long)], []
+    for batch in loader:
+        if len(batch) == 1:  # every image of the batch was unreadable
+            continue
+        image, questions, index, _ = batch
+        text = tokenizer(questions, max_length=max_tokens).to(device, non_blocking=True)
+        with _autocast(device, amp):
+            ranked, p = model.rank(image.to(device, non_blocking=True), text.input_ids, text.attention_mask,
+                                   answer_ids, answer_atts, k)
+        indices.append(index)
+        ids.append(ranked[:, :top_n].cpu())
+        probs.append(p[:, :top_n].float().cpu())
+    where = distributed.collective_device()
+    gather = distributed.all_gather_uneven
+    local_probs = torch.cat(probs) if probs else torch.zeros(0, top_n)
+    return (gather(torch.cat(indices).to(where)).cpu(), gather(torch.cat(ids).to(where)).cpu(),
+            gather(local_probs.to(where)).cpu())
+
+
+def _autocast(device: torch.device, amp: str) -> Any:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if device.type != "cuda" or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
