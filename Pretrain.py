@@ -50,6 +50,18 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def _training_problems(config: dict) -> list[str]:
+    """Pre-training always trains: ``train_file`` names a file, and a batch holds an ITM hard negative."""
+    from engine.checks import files_given_problems, itm_batch_problems
+
+    return files_given_problems(config, ["train_file"]) + itm_batch_problems(config)
+
+
+# The task's own start-up checks (``engine.checks`` hooks, besides the common rules); scripts/validate_data.py
+# runs them too.
+CONFIG_CHECKS = [_training_problems]
+
+
 def build_transform(*args: Any, **kwargs: Any) -> Any:
     """``dataset.build_transform``, imported on first use."""
     from dataset import build_transform as build
@@ -83,12 +95,17 @@ def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device):
 
 def main(argv: list[str] | None = None) -> dict:
     """Run pre-training; returns the last epoch's averaged stats."""
-    args = get_parser(__doc__).parse_args(argv)
+    parser = get_parser(__doc__)
+    args = parser.parse_args(argv)
+    from engine.checks import reject_flags
+
+    reject_flags(args, parser, {"evaluate": "pre-training only trains (evaluate a pre-trained checkpoint with "
+                                            "Retrieval.py --evaluate)"}, "Pretrain.py")
     from dataset import PretrainDataset, create_loader
     from engine import distributed, trainer
     from models.tokenizer import TextTokenizer
 
-    config, device = trainer.setup_run(args, DEFAULTS)
+    config, device = trainer.setup_run(args, DEFAULTS, CONFIG_CHECKS)
     trainer.check_itm_batch(config["batch_size"], "batch_size")
     tokenizer = TextTokenizer(args.text_encoder)
     transform = build_transform("pretrain", config["image_res"], crop_scale=tuple(config["crop_scale"]),
