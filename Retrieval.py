@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from engine.config import COMMON_DEFAULTS, ConfigError, get_parser
+from engine.config import COMMON_DEFAULTS, get_parser
 
 if TYPE_CHECKING:  # torch, the models and the data are imported inside the functions: --help stays fast
     import torch
@@ -65,14 +65,36 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def check_config(config: dict) -> None:
-    """Reject values the schema's types cannot catch."""
+def score_problems(config: dict) -> list[str]:
+    """The rerank score is one of the two known ones (``k_test``, ``eval_amp`` ...: ``engine.checks.RULES``)."""
     if config["score"] not in ("itm", "itm+itc"):
-        raise ConfigError(f"score must be 'itm' or 'itm+itc', not {config['score']!r}")
-    if config["eval_amp"] not in ("off", "bf16", "fp16"):
-        raise ConfigError(f"eval_amp must be 'off', 'bf16' or 'fp16', not {config['eval_amp']!r}")
-    if config["k_test"] < 0:
-        raise ConfigError(f"k_test must be >= 0 (0: ITC only), not {config['k_test']}")
+        return [f"score must be 'itm' or 'itm+itc', got {config['score']!r}"]
+    return []
+
+
+def training_problems(config: dict) -> list[str]:
+    """Fine-tuning (not ``--evaluate``): ``train_file`` names a file, and a batch holds an ITM hard negative."""
+    from engine.checks import files_given_problems, itm_batch_problems
+
+    return files_given_problems(config, ["train_file"]) + itm_batch_problems(config)
+
+
+# The task's own start-up checks (``engine.checks`` hooks, besides the common rules); scripts/validate_data.py
+# runs them too, and TRAINING_CHECKS unless --evaluate.
+CONFIG_CHECKS = [score_problems]
+TRAINING_CHECKS = [training_problems]
+
+
+def check_split_sizes(config: dict, splits: dict[str, RetrievalEvalDataset], source: str) -> None:
+    """An empty val/test split is an error (``engine.checks``); a ``k_test`` beyond a split's images or texts
+    is allowed (the shortlist is then the whole split) and said once."""
+    from engine.checks import check_sizes
+
+    check_sizes(config, {split: len(dataset) for split, dataset in splits.items()}, source)
+    for split, dataset in splits.items():
+        if config["k_test"] > min(len(dataset), len(dataset.text)):
+            logger.warning("k_test %d exceeds the %d images or %d texts of %s: ITM reranks every candidate",
+                           config["k_test"], len(dataset), len(dataset.text), split)
 
 
 def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device) -> Callable:
@@ -162,13 +184,14 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, splits: dict, e
                  tokenizer: TextTokenizer, device: torch.device) -> dict:
     """Fine-tune with ``trainer.fit`` (val each epoch), then evaluate the best checkpoint on test."""
     from dataset import RetrievalTrainDataset, build_transform, create_loader
-    from engine import checkpoint_io, distributed, trainer
+    from engine import checkpoint_io, checks, distributed, trainer
 
     trainer.check_itm_batch(config["batch_size_train"], "batch_size_train")
     transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                 randaug=config["randaug"])
     dataset = RetrievalTrainDataset(config["train_file"], transform, config["image_root"], config["max_words"])
     logger.info("%d captions of %d images for training", len(dataset), len(dataset.img_ids))
+    checks.check_sizes(config, {"train": len(dataset)}, args.config, distributed.get_world_size())
     loader = create_loader(dataset, config["batch_size_train"], config["num_workers"], shuffle=True,
                            seed=args.seed, drop_last=True, rank=distributed.get_rank(),
                            world_size=distributed.get_world_size())
@@ -197,17 +220,22 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, splits: dict, e
 
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate; returns the results written to ``retrieval_metrics.json``."""
-    args = get_parser(__doc__).parse_args(argv)
-    from engine import distributed, trainer
+    parser = get_parser(__doc__)
+    args = parser.parse_args(argv)
+    from engine import checks, distributed, trainer
     from models.albef import ALBEFConfig
     from models.model_retrieval import ALBEFRetrieval
     from models.tokenizer import TextTokenizer
 
-    config, device = trainer.setup_run(args, DEFAULTS)
-    check_config(config)
+    if args.evaluate:
+        checks.reject_flags(args, parser, {"resume": "it evaluates the --checkpoint weights; --resume continues "
+                                                     "a fine-tuning run"}, "Retrieval.py --evaluate")
+    hooks = CONFIG_CHECKS if args.evaluate else [*CONFIG_CHECKS, *TRAINING_CHECKS]
+    config, device = trainer.setup_run(args, DEFAULTS, hooks)
     tokenizer = TextTokenizer(args.text_encoder)
     model = ALBEFRetrieval(ALBEFConfig.from_config(config))
     splits = eval_datasets(config)
+    check_split_sizes(config, splits, args.config)
     evaluate = make_evaluator(config, tokenizer, device)
     if args.evaluate:
         results = run_evaluation(model, args, splits, evaluate, device)
