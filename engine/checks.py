@@ -14,6 +14,10 @@ The entry scripts and ``scripts/validate_data.py`` run the same functions, so a 
   empty splits, a training split smaller than one global batch.
 - :func:`check_device`, :func:`reject_flags`, :func:`check_files_given`: the command line.
 
+An entry script lists its hooks in ``CONFIG_CHECKS`` (always run) and ``TRAINING_CHECKS`` (run when it trains,
+e.g. :func:`files_given_problems` of ``train_file``, :func:`itm_batch_problems`) and passes them to
+``setup_run``; ``scripts/validate_data.py`` runs the same lists.
+
 Every ``check_*`` raises ``ConfigError`` with all problems on one line, which ``engine.trainer.run_main`` turns
 into one ``ERROR`` line and exit code 2.
 """
@@ -205,6 +209,15 @@ def size_problems(config: Mapping[str, Any], sizes: Mapping[str, int], world_siz
 def check_sizes(config: Mapping[str, Any], sizes: Mapping[str, int], source: str, world_size: int = 1) -> None:
     """Raise one ``ConfigError`` naming ``source`` and every problem :func:`size_problems` finds."""
     _raise(size_problems(config, sizes, world_size), source)
+
+
+def itm_batch_problems(config: Mapping[str, Any]) -> list[str]:
+    """Task hook of the tasks trained with ITM: its hard negative is drawn from the batch, so a per-process
+    training batch of 1 has none."""
+    key = train_batch_key(config)
+    if config.get(key) == 1:
+        return [f"{key} is 1: ITM hard negatives need at least 2 samples per process batch"]
+    return []
 
 
 def files_given_problems(config: Mapping[str, Any], keys: Iterable[str]) -> list[str]:

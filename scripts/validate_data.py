@@ -103,10 +103,10 @@ def config_and_problems(args: argparse.Namespace) -> tuple[str, dict | None, lis
     if module is None:
         raise ConfigError(f"task {task}: {TASKS[task]}.py is not in this checkout")
     config = load_config(args.config, module.DEFAULTS, args.override)
-    problems = checks.config_problems(config, getattr(module, "CONFIG_CHECKS", ()))
-    if not args.evaluate and "train_file" in config:
-        problems += checks.files_given_problems(config, ["train_file"])
-    return task, config, problems
+    hooks = [*getattr(module, "CONFIG_CHECKS", ())]
+    if not args.evaluate:
+        hooks += getattr(module, "TRAINING_CHECKS", ())
+    return task, config, checks.config_problems(config, hooks)
 
 
 def _all_in(config: dict, folder: Path) -> bool:

@@ -307,7 +307,8 @@ def test_exif_rotated_jpeg_is_transposed(tmp_path: Path) -> None:
 def _retrieval_config(tmp_path: Path, eval_caption: object) -> dict:
     _good_image(tmp_path, "im.png")
     train = tmp_path / "train.json"
-    train.write_text(json.dumps([{"image": "im.png", "caption": "x", "image_id": 3}]))
+    train.write_text(json.dumps([{"image": "im.png", "caption": "x", "image_id": 3},
+                                 {"image": "im.png", "caption": "y", "image_id": 3}]))
     test = tmp_path / "test.json"
     test.write_text(json.dumps([{"image": "im.png", "caption": eval_caption}]))
     return {
@@ -338,7 +339,8 @@ def test_validate_data_cli(tmp_path: Path) -> None:
     config = _retrieval_config(tmp_path, ["a", "b"])
     good.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()))
     assert (
-        validate_main(["--config", str(good), "--task", "retrieval", "--check-images"])
+        validate_main(["--config", str(good), "--task", "retrieval", "--check-images",
+                       "--override", "batch_size_train=2"])
         == 0
     )
     bad_dir = tmp_path / "bad"

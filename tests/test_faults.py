@@ -246,3 +246,151 @@ def test_resume_that_cannot_continue_says_why(world: str, interrupted: tuple, tm
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and message in errors[0], errors
     assert not os.path.exists(tmp_path / "out" / "log.txt")
+
+
+# ------------------------------------------------------------------ 3. start-up constraint checks
+BAD_VALUES = [  # (override, text the one error line must hold)
+    ("batch_size=0", "batch_size must be >= 1"),
+    ("vit={patch_size: 0, depth: 2, heads: 4}", "vit.patch_size must be >= 1"),
+    ("queue_size=0", "queue_size must be >= 1"),
+    ("queue_size=-1", "queue_size must be >= 1"),
+    ("max_tokens=0", "max_tokens must be >= 2"),
+    ("max_tokens=100", "max_tokens 100 exceeds max_position_embeddings 64 of bert_config"),
+    ("num_workers=-1", "num_workers must be >= 0"),
+    ("crop_scale=[1.5, 0.2]", "crop_scale must be [min, max] with 0 < min <= max <= 1"),
+    ("schedular.sched=step", "schedular.sched must be one of 'cosine'"),
+    ("optimizer.opt=sgd", "optimizer.opt must be one of 'adamw'"),
+    ("schedular.warmup_epochs=-1", "schedular.warmup_epochs must be >= 0"),
+    ("schedular.epochs=0", "schedular.epochs must be >= 1"),
+    ("amp=fp8", "amp must be one of 'off', 'bf16', 'fp16'"),
+    ("nonfinite=maybe", "nonfinite must be one of 'stop', 'skip'"),
+    ("image_res=36", "image_res 36 must be a multiple of vit.patch_size 8"),
+    ("embed_dim=0", "embed_dim must be >= 1"),
+    ("max_words=0", "max_words must be >= 1"),
+    ("momentum=2", "momentum must be in [0, 1]"),
+    ("mlm_probability=1.5", "mlm_probability must be in [0, 1]"),
+    ("save_every=-3", "save_every must be >= 0"),
+    ("train_file=[]", "train_file is []: this run needs at least one file"),
+]
+
+
+def one_error(caplog: pytest.LogCaptureFixture) -> str:
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+@pytest.mark.parametrize("override, text", BAD_VALUES)
+def test_bad_values_stop_pretraining_in_one_line_before_anything_is_built(world: str, tmp_path, caplog,
+                                                                          override: str, text: str) -> None:
+    """Each was a traceback (several only after the dataset and model were built) or trained silently."""
+    import Pretrain
+    from engine.trainer import run_main
+
+    out = tmp_path / "out"
+    argv = pretrain_argv(world, f"{world}/pretrain.json", str(out), "batch_size=4", override)
+    assert run_main(lambda: Pretrain.main(argv)) == 2
+    assert text in one_error(caplog)
+    assert not out.exists()  # checked before the output folder is made
+
+
+@pytest.mark.parametrize("override, text", BAD_VALUES)
+def test_the_validator_finds_what_the_script_refuses(world: str, caplog, override: str, text: str) -> None:
+    """scripts/validate_data.py runs the same checks: a config that validates also starts."""
+    from scripts.validate_data import main as validate
+
+    args = ["--config", os.path.join(ROOT, "configs/toy/Pretrain.yaml"), "--override", f"toy_world={world}",
+            f"train_file=[{world}/pretrain.json]", *TINY, "batch_size=4", override]
+    assert validate(args) == 1
+    assert any(text in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_fine_tuning_checks_lengths_and_training_files_at_start_up(world: str, tmp_path, caplog) -> None:
+    """max_tokens beyond the position table failed only at the first evaluation, after a full epoch; train_file
+    [] evaluated the untouched model and wrote "mode": "train" results."""
+    import Retrieval
+    from engine.trainer import run_main
+
+    base = ["--config", os.path.join(ROOT, "configs/toy/Retrieval.yaml"), "--device", "cpu", "--override",
+            f"toy_world={world}", f"image_root={world}", f"train_file=[{world}/retrieval_train.json]",
+            f"val_file={world}/retrieval_val.json", f"test_file={world}/retrieval_test.json", *TINY[:5]]
+    for override, text in (("max_tokens=100", "max_tokens 100 exceeds max_position_embeddings 64"),
+                           ("train_file=[]", "train_file is []"), ("k_test=-1", "k_test must be >= 0")):
+        caplog.clear()
+        out = tmp_path / override.split("=")[0]
+        argv = ["--output_dir", str(out), *base, override]
+        assert run_main(lambda a=argv: Retrieval.main(a)) == 2
+        assert text in one_error(caplog)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, text", [
+    (["--device", "cuda"], "--device cuda: this machine has no CUDA device (use --device cpu)"),
+    (["--device", "gpu"], "--device gpu: this machine has no CUDA device"),
+    (["--device", "mps"], "--device mps: MPS (Apple GPU) is not available on this machine"),
+    (["--device", "tpu0"], "--device 'tpu0' is not a device"),
+    (["--evaluate"], "Pretrain.py does not take --evaluate"),
+])
+def test_command_line_mistakes_stop_in_one_line(world: str, tmp_path, caplog, monkeypatch: pytest.MonkeyPatch,
+                                                flags: list[str], text: str) -> None:
+    """--device without that device was a traceback after the model was built; Pretrain.py --evaluate trained."""
+    import Pretrain
+    from engine.trainer import run_main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    argv = [a for a in pretrain_argv(world, f"{world}/pretrain.json", str(tmp_path / "out")) if a != "cpu"]
+    argv.remove("--device")
+    assert run_main(lambda: Pretrain.main([*argv, *flags])) == 2
+    assert text in one_error(caplog)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["empty_file", "fewer_than_a_batch"])
+def test_too_little_data_ends_in_one_error_line(world: str, tmp_path, caplog, case: str) -> None:
+    """An annotation file holding [] trained epochs of 0 steps and wrote checkpoints of an untrained model;
+    3 items at batch 4 escaped as a bare ValueError traceback (exit 1)."""
+    import Pretrain
+    from engine.trainer import run_main
+
+    ann = tmp_path / "ann.json"
+    ann.write_text("[]") if case == "empty_file" else numbered(world, str(ann), n=3)
+    out = tmp_path / "out"
+    assert run_main(lambda: Pretrain.main(pretrain_argv(world, str(ann), str(out), "batch_size=4"))) == 2
+    assert f"{0 if case == 'empty_file' else 3} samples, fewer than one global batch" in one_error(caplog)
+    assert not list(out.glob("checkpoint_*")) and not (out / "log.txt").exists()
+
+
+def test_validator_lists_every_problem_takes_overrides_and_infers_the_task(world: str, tmp_path, caplog) -> None:
+    """Before: it accepted a string train_file that Pretrain.py rejects, flagged a missing train_file that
+    Pretrain.py trained through, stopped at a file's first problem, took no --override and needed --task."""
+    from scripts.validate_data import main as validate
+
+    items = [{"image": f"{world}/images/train/{i:05d}.png", "caption": "a red circle"} for i in range(30)]
+    for i in range(0, 30, 2):
+        del items[i]["caption"]  # 15 bad items
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(items))
+    config = tmp_path / "Mine.yaml"  # a name that names no task: inferred from the keys
+    config.write_text(f"train_file: [{ann}]\nbatch_size: 4\nmlm_probability: 0.15\n"
+                      "bert_config: configs/toy/config_bert.json\nvision_width: 128\nimage_res: 32\n"
+                      "vit: {patch_size: 8, depth: 2, heads: 4}\n")
+    assert validate(["--config", str(config), "--max-listed", "5"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert sum("missing required key 'caption'" in e for e in errors) == 5
+    assert any("... and 10 more problems (15 of 30 items)" in e for e in errors)
+    caplog.clear()
+    good = numbered(world, str(tmp_path / "good.json"), n=8)
+    assert validate(["--config", str(config), "--override", f"train_file=[{good}]"]) == 0
+    caplog.clear()
+    assert validate(["--config", str(config), "--override", f"train_file={good}"]) == 1  # a string: as Pretrain.py
+    assert "key 'train_file' expects list" in one_error(caplog)
+    caplog.clear()
+    config.write_text("batch_size: 4\nmlm_probability: 0.15\nbert_config: configs/toy/config_bert.json\n")
+    assert validate(["--config", str(config)]) == 1  # no train_file: Pretrain.py refuses it too
+    assert "train_file is []" in caplog.text
+    caplog.clear()
+    config.write_text("batch_size: 4\n  mlm_probability: [0.15\n")
+    assert validate(["--config", str(config), "--task", "pretrain"]) == 1
+    error = one_error(caplog)
+    assert "YAML syntax error" in error and "\n" not in error
