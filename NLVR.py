@@ -36,7 +36,8 @@ from models.model_nlvr import ALBEFNLVR
 from models.tokenizer import TextTokenizer
 from SNLI_VE import (
     CLASSIFIER_DEFAULTS,
-    check_config,
+    check_split_sizes,
+    hooks_for,
     make_evaluator,
     make_step_fn,
     run_evaluation,
@@ -64,21 +65,21 @@ DEFAULTS: dict[str, Any] = {
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate on NLVR2; returns the results written to ``nlvr_metrics.json``."""
     args = get_parser(__doc__).parse_args(argv)
-    config, device = trainer.setup_run(args, DEFAULTS)
-    model_config = ALBEFConfig.from_config(config)
-    check_config(config, model_config)
+    config, device = trainer.setup_run(args, DEFAULTS, hooks_for(args))
     tokenizer = TextTokenizer(args.text_encoder)
-    model = ALBEFNLVR(model_config)
+    model = ALBEFNLVR(ALBEFConfig.from_config(config))
     test_transform = build_transform("test", config["image_res"])
     splits = {split: NLVRDataset(config[f"{split}_file"], test_transform, config["image_root"], config["max_words"])
               for split in ("val", "test") if config[f"{split}_file"]}
     evaluate = make_evaluator(config, tokenizer, device, NLVR_CLASS_NAMES, config["batch_size"])
     if args.evaluate:
+        check_split_sizes(config, splits, None, args.config)
         results = run_evaluation(model, args, splits, evaluate, device)
     else:
         transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                     randaug=config["randaug"])
         train_set = NLVRDataset(config["train_file"], transform, config["image_root"], config["max_words"])
+        check_split_sizes(config, splits, train_set, args.config)
         logger.info("%d training statements", len(train_set))
         results = run_training(model, args, config, train_set, splits, evaluate,
                                make_step_fn(tokenizer, config, device), config["batch_size"], device)

@@ -21,7 +21,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-from engine.config import COMMON_DEFAULTS, ConfigError, get_parser
+from engine.config import COMMON_DEFAULTS, get_parser
 
 if TYPE_CHECKING:  # torch, the models and the data are imported inside the functions: --help stays fast
     import torch
@@ -50,6 +50,24 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def ta_config_problems(config: dict) -> list[str]:
+    """Task hook (``engine.checks``): two distinct negatives per caption need 3 images per process batch."""
+    if config["batch_size"] < 3:
+        return [f"batch_size {config['batch_size']}: text assignment draws two distinct negative images per "
+                "caption, so it needs at least 3 images per process batch"]
+    return []
+
+
+def train_file_problems(config: dict) -> list[str]:
+    """``train_file`` must name data."""
+    from engine import checks
+
+    return checks.files_given_problems(config, ["train_file"])
+
+
+CONFIG_CHECKS = (ta_config_problems, train_file_problems)
+
+
 def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device):
     """Batch -> ``{'loss_ta', 'acc_ta'}``. The batch is (images (B, 3, R, R), captions list[str])."""
 
@@ -65,21 +83,19 @@ def main(argv: list[str] | None = None) -> dict:
     """Run TA pre-training; returns the last epoch's record."""
     args = get_parser(__doc__).parse_args(argv)
     from dataset import PretrainDataset, build_transform, create_loader
-    from engine import distributed, trainer
+    from engine import checks, distributed, trainer
     from models.albef import ALBEFConfig
     from models.model_pretrain_nlvr import ALBEFPretrainNLVR
     from models.tokenizer import TextTokenizer
 
-    config, device = trainer.setup_run(args, DEFAULTS)
-    if config["batch_size"] < 3:
-        raise ConfigError(f"batch_size {config['batch_size']}: text assignment draws two distinct negative images "
-                          "per caption, so it needs at least 3 images per process batch")
+    config, device = trainer.setup_run(args, DEFAULTS, CONFIG_CHECKS)
     if not args.checkpoint and not args.resume:
         logger.warning("no --checkpoint: text assignment from randomly initialised encoders")
     tokenizer = TextTokenizer(args.text_encoder)
     transform = build_transform("pretrain", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                 randaug=config["randaug"])
     dataset = PretrainDataset(config["train_file"], transform, config["max_words"], config["image_root"])
+    checks.check_sizes(config, {"train": len(dataset)}, args.config, distributed.get_world_size())
     logger.info("%d image-text items from %d file(s)", len(dataset), len(config["train_file"]))
     model = ALBEFPretrainNLVR(ALBEFConfig.from_config(config))
     loader = create_loader(dataset, config["batch_size"], config["num_workers"], shuffle=True, seed=args.seed,

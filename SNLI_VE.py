@@ -29,8 +29,8 @@ from torch.utils.data import Dataset
 
 from dataset import VEDataset, build_transform, create_loader
 from dataset.ve_dataset import VE_CLASS_NAMES
-from engine import checkpoint_io, distributed, logs, trainer
-from engine.config import COMMON_DEFAULTS, ConfigError, get_parser
+from engine import checkpoint_io, checks, distributed, logs, trainer
+from engine.config import COMMON_DEFAULTS, get_parser
 from models.albef import ALBEFConfig
 from models.checkpoint import load_weights
 from models.classifier_eval import evaluate_classifier
@@ -71,15 +71,33 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def check_config(config: dict, model_config: ALBEFConfig) -> None:
-    """Reject values the schema's types cannot catch."""
+def classifier_config_problems(config: dict) -> list[str]:
+    """Task hook (``engine.checks``): the values of the classification tasks' own keys."""
     if config["teacher_init"] not in ("loaded", "random"):
-        raise ConfigError(f"teacher_init must be 'loaded' or 'random', not {config['teacher_init']!r}")
-    if config["eval_amp"] not in ("off", "bf16", "fp16"):
-        raise ConfigError(f"eval_amp must be 'off', 'bf16' or 'fp16', not {config['eval_amp']!r}")
-    if not 2 <= config["max_tokens"] <= model_config.bert.max_position_embeddings:
-        raise ConfigError(f"max_tokens {config['max_tokens']} must be in [2, max_position_embeddings "
-                          f"{model_config.bert.max_position_embeddings}]")
+        return [f"teacher_init must be 'loaded' or 'random', not {config['teacher_init']!r}"]
+    return []
+
+
+def train_file_problems(config: dict) -> list[str]:
+    """Training hook: ``train_file`` must name data."""
+    return checks.files_given_problems(config, ["train_file"])
+
+
+CONFIG_CHECKS = (classifier_config_problems,)
+TRAINING_CHECKS = (train_file_problems,)
+
+
+def hooks_for(args: argparse.Namespace) -> tuple:
+    """The config checks of this run: ``CONFIG_CHECKS``, and ``TRAINING_CHECKS`` unless ``--evaluate``."""
+    return CONFIG_CHECKS if args.evaluate else CONFIG_CHECKS + TRAINING_CHECKS
+
+
+def check_split_sizes(config: dict, splits: dict, train_set: Dataset | None, source: str) -> None:
+    """Empty splits, or a training split smaller than one global batch: one ``ConfigError``."""
+    sizes = {split: len(dataset) for split, dataset in splits.items()}
+    if train_set is not None:
+        sizes["train"] = len(train_set)
+    checks.check_sizes(config, sizes, source, distributed.get_world_size())
 
 
 def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device) -> Callable:
@@ -187,21 +205,21 @@ def run_training(model: torch.nn.Module, args: argparse.Namespace, config: dict,
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate on SNLI-VE; returns the results written to ``ve_metrics.json``."""
     args = get_parser(__doc__).parse_args(argv)
-    config, device = trainer.setup_run(args, DEFAULTS)
-    model_config = ALBEFConfig.from_config(config)
-    check_config(config, model_config)
+    config, device = trainer.setup_run(args, DEFAULTS, hooks_for(args))
     tokenizer = TextTokenizer(args.text_encoder)
-    model = ALBEFVE(model_config)
+    model = ALBEFVE(ALBEFConfig.from_config(config))
     test_transform = build_transform("test", config["image_res"])
     splits = {split: VEDataset(config[f"{split}_file"], test_transform, config["image_root"], config["max_words"])
               for split in ("val", "test") if config[f"{split}_file"]}
     evaluate = make_evaluator(config, tokenizer, device, VE_CLASS_NAMES, config["batch_size_test"])
     if args.evaluate:
+        check_split_sizes(config, splits, None, args.config)
         results = run_evaluation(model, args, splits, evaluate, device)
     else:
         transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                     randaug=config["randaug"])
         train_set = VEDataset(config["train_file"], transform, config["image_root"], config["max_words"])
+        check_split_sizes(config, splits, train_set, args.config)
         logger.info("%d training hypotheses", len(train_set))
         results = run_training(model, args, config, train_set, splits, evaluate,
                                make_step_fn(tokenizer, config, device), config["batch_size_train"], device)

@@ -18,6 +18,7 @@ from conftest import tiny_albef
 from dataset.nlvr_dataset import NLVRDataset, nlvr_label
 from dataset.transforms import build_transform
 from dataset.validate import DataError
+from engine.config import ConfigError
 from engine.logs import round32
 from models.albef import ALBEFConfig
 from models.bert import BertConfig
@@ -313,3 +314,15 @@ def test_nlvr_two_processes_evaluate_exactly_like_one(world: str, tmp_path: Path
     for split in ("val", "test"):
         assert metrics[split] == json.loads(json.dumps(round32(one[split]))), split
     assert all(sum(row) for row in map(list, zip(*one["test"]["confusion"])))  # both classes predicted
+
+
+def test_config_checks_name_the_task_keys(world: str, tmp_path: Path) -> None:
+    import NLVR
+    import Pretrain_nlvr
+
+    with pytest.raises(ConfigError, match="teacher_init must be 'loaded' or 'random', not 'official'"):
+        NLVR.main(nlvr_argv(world, str(tmp_path / "a"), "--evaluate") + ["teacher_init=official"])
+    with pytest.raises(ConfigError, match="at least 3 images per process batch"):
+        Pretrain_nlvr.main(["--config", os.path.join(ROOT, "configs", "toy", "NLVR_pretrain.yaml"), "--output_dir",
+                            str(tmp_path / "b"), "--device", "cpu", "--override", "toy_world=''",
+                            f"train_file=[{world}/pretrain.json]", "batch_size=2"])
