@@ -138,11 +138,14 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def resolve_path(path: str, toy_world: str = "") -> str:
-    """A relative ``path`` as the project means it: kept when it exists from the working directory, else the
+    """A relative ``path`` as the project means it, made absolute (the config of a run then names its files
+    whatever folder a resume starts from): the file from the working directory when it exists there, else the
     project's own file when that exists (``configs/config_bert.json`` from anywhere), else the project's when it
     lies in the (relative) ``toy_world`` folder, which is generated under the project. Otherwise unchanged."""
-    if not path or os.path.isabs(path) or "://" in path or os.path.exists(path):
+    if not path or os.path.isabs(path) or "://" in path:
         return path
+    if os.path.exists(path):
+        return os.path.abspath(path)
     in_project = os.path.join(PROJECT_ROOT, path)
     if os.path.exists(in_project):
         return in_project

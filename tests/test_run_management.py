@@ -468,9 +468,12 @@ def test_shipped_paths_resolve_from_anywhere_and_the_toy_world_is_used_only_when
     assert config["toy_world"] == os.path.join(ROOT, "data", "toy")
     assert config["train_file"] == [os.path.join(ROOT, "data", "toy", "pretrain.json")]
     assert trainer._uses_toy_world(config)
+    monkeypatch.chdir(ROOT)  # the same files from the project folder: a resume from there sees no change
+    assert load_config("configs/toy/Pretrain.yaml", Pretrain.DEFAULTS)["bert_config"] == config["bert_config"]
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.json").write_text("[]")
     config = load_config("configs/toy/Pretrain.yaml", Pretrain.DEFAULTS, ["train_file=[mine.json]"])
-    assert config["train_file"] == ["mine.json"]  # the user's own file, from where they are
+    assert config["train_file"] == [str(tmp_path / "mine.json")]  # the user's own file, from where they are
     assert not trainer._uses_toy_world(config)  # so no 49 MB toy world is generated for it
     from models.tokenizer import TextTokenizer
 
