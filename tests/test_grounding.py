@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ from dataset.transforms import build_transform
 from models.albef import ALBEFConfig
 from models.gradcam import default_block, gradcam
 from models.model_retrieval import ALBEFRetrieval
-from scripts import visualize
+from scripts import benchmark, visualize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -372,45 +373,87 @@ def grounding_argv(world: Path, out: Path, *flags: str, truth: str = "") -> list
             "queue_size=16", "num_workers=0", "image_res=32"]
 
 
-def test_main_fine_tunes_then_evaluates(world: Path, few_refs: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def spread_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy grounding architecture at 32 px with spread weights: distinct maps per expression (a fresh init
+    maps every expression alike and scores 0 on every split), so accuracies depend on which map is whose."""
+    model = ALBEFRetrieval(tiny_albef(bert=tiny_bert(hidden_size=128, encoder_width=128, num_attention_heads=4,
+                                                     intermediate_size=512), vision_width=128, vision_depth=4,
+                                      vision_heads=4, embed_dim=64, queue_size=16))
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.3)
+    path = tmp_path_factory.mktemp("spread") / "spread.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(world: Path, few_refs: Path, spread_checkpoint: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One epoch of Grounding.py from the spread checkpoint (one process): its output folder and results (the
+    evaluation of the epoch's weights, which the epoch checkpoint holds). Both end-to-end tests read it."""
     import Grounding
 
-    results = Grounding.main(grounding_argv(world, tmp_path / "run"))
+    out = tmp_path_factory.mktemp("grounding") / "run"
+    return out, Grounding.main(grounding_argv(world, out, "--checkpoint", str(spread_checkpoint)))
+
+
+ACCURACY_KEYS = ("val_d", "testA_d", "testB_d", "n_refs")
+
+
+def test_main_fine_tunes_then_evaluates(world: Path, fine_tuned: tuple[Path, dict], tmp_path: Path) -> None:
+    import Grounding
+
+    run, results = fine_tuned
     assert results["best_epoch"] == 0 and results["gradcam_mode"] == "itm" and results["block_num"] == 2
     assert set(results) >= {"val_d", "testA_d", "testB_d"} and results["n_refs"] == 15
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert len({results["val_d"], results["testA_d"], results["testB_d"]}) > 1 or 0 < results["val_d"] < 1
+    log = [json.loads(line) for line in (run / "log.txt").read_text().splitlines()]
     assert log[0]["score"] == log[0]["val_d"] and "train_loss_ita" in log[0]
     refer = write_refer_layout(world, tmp_path / "refer")
     evaluated = Grounding.main(grounding_argv(world, tmp_path / "eval", "--evaluate", "--checkpoint",
-                                              str(tmp_path / "run" / "checkpoint_best.pth"), truth=str(refer)))
-    assert {k: evaluated[k] for k in ("val_d", "testA_d", "testB_d")} == {
-        k: results[k] for k in ("val_d", "testA_d", "testB_d")}
+                                              str(run / "checkpoint_best.pth"), truth=str(refer)))
+    assert {k: evaluated[k] for k in ACCURACY_KEYS} == {k: results[k] for k in ACCURACY_KEYS}
     saved = json.loads((tmp_path / "eval" / "result" / "grounding_metrics.json").read_text())
     assert saved == pytest.approx(evaluated)
     args = Grounding.parse_args(grounding_argv(world, tmp_path, "--gradcam_mode", "itc", "--block_num", "3"))
     assert args.override[-2:] == ["gradcam_mode=itc", "block_num=3"]  # the official flags win over the config
 
 
-def test_two_processes_evaluate_exactly_like_one(world: Path, few_refs: Path, tmp_path: Path) -> None:
-    """``torchrun --nproc_per_node=2 Grounding.py --evaluate``: the accuracies of one process; the maps are
-    gathered in memory, so the output folder holds no per-rank files."""
-    import Grounding
-
-    model = ALBEFRetrieval(tiny_albef(bert=tiny_bert(hidden_size=128, encoder_width=128, num_attention_heads=4,
-                                                     intermediate_size=512), vision_width=128, vision_depth=4,
-                                      vision_heads=4, embed_dim=64, queue_size=16))
-    for p in model.parameters():  # spread weights: distinct maps per expression
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.3)
-    torch.save({"model": model.state_dict()}, tmp_path / "spread.pth")
-    flags = ("--evaluate", "--checkpoint", str(tmp_path / "spread.pth"))
+def test_two_processes_evaluate_exactly_like_one(world: Path, fine_tuned: tuple[Path, dict], tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2 Grounding.py --evaluate``: the accuracies of one process (the fine-tuning
+    run's evaluation of the same weights); the maps are gathered in memory, so the output folder holds no per-rank
+    files."""
+    run, one = fine_tuned
+    flags = ("--evaluate", "--checkpoint", str(run / "checkpoint_best.pth"))
     two = tmp_path / "two"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "Grounding.py", *grounding_argv(world, two, *flags)], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    one = Grounding.main(grounding_argv(world, tmp_path / "one", *flags))
-    assert json.loads((two / "result" / "grounding_metrics.json").read_text()) == one
+    metrics = json.loads((two / "result" / "grounding_metrics.json").read_text())
+    assert metrics["mode"] == "evaluate" and {k: metrics[k] for k in ACCURACY_KEYS} == {
+        k: one[k] for k in ACCURACY_KEYS}
     assert len({one["val_d"], one["testA_d"], one["testB_d"]}) > 1 or 0 < one["val_d"] < 1
     assert sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file()) == [
         "config.yaml", "log.txt", "result/grounding_metrics.json", "train.log"]
+
+
+# ----------------------------------------------------------------------------- benchmark section
+def test_gradcam_benchmark_section_rows(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = "--only gradcam --sizes tiny --batch-tiny 2 --steps 2 --warmup 0".split()
+    assert benchmark.main([*argv, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]["gradcam"]
+    # the toy grounding model: 64 px / patch 8; itm on the config's block 2, itc on ViT block round(2/3 * 4)
+    assert [(r["size"], r["mode"], r["input"], r["grid"], r["block"], r["batch"]) for r in rows] == [
+        ("tiny", "itm", "64px T12", "8x8", 2, 2), ("tiny", "itc", "64px T12", "8x8", 3, 2)]
+    for row in rows:
+        assert len(row["steps_s"]) == 2 and row["s_per_batch"] == pytest.approx(statistics.median(row["steps_s"]))
+        assert row["maps_per_s"] == pytest.approx(2 / row["s_per_batch"])
+        assert row["maps_per_cpu_s"] == pytest.approx(2 / row["cpu_s_per_batch"])
+        assert min(row["rank_ms"], row["peak_mb"], row["cpu_s_per_batch"]) > 0
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--gradcam-modes", "itm,gradient"])
