@@ -202,7 +202,11 @@ def test_vqa_main_fine_tunes_and_writes_one_answer_per_test_question(world: str,
     import VQA
 
     out = str(tmp_path / "vqa")
-    results = VQA.main(vqa_argv(world, out))
+    # the test questions double as a val split here: val_acc picks checkpoint_best.pth, which answers test
+    results = VQA.main(vqa_argv(world, out, "--override", f"val_file=[{world}/vqa_test.json]",
+                                f"val_answers_file={world}/vqa_test_answers.json"))
+    assert results["best_epoch"] == 0 and results["evaluated"] == "checkpoint_best.pth"
+    assert results["val"]["acc"] == results["test"]["acc"]
     test_ids = [item["question_id"] for item in read_json(f"{world}/vqa_test.json")]
     rows = read_json(os.path.join(out, "result", "vqa_result_epoch0.json"))
     answers = set(read_json(f"{world}/answer_list.json"))
@@ -217,7 +221,9 @@ def test_vqa_main_fine_tunes_and_writes_one_answer_per_test_question(world: str,
     assert [t["answers"][0][0] for t in top] == [r["answer"] for r in rows]
     assert all(len(t["answers"]) == 3 and t["answers"][0][1] >= t["answers"][1][1] for t in top)
     with open(os.path.join(out, "log.txt")) as fh:
-        assert json.loads(fh.readline())["epoch"] == 0
+        line = json.loads(fh.readline())
+    assert line["epoch"] == 0 and line["score"] == line["val_acc"] and "val_acc_count" in line
+    assert os.path.isfile(os.path.join(out, "result", "vqa_val_result_epoch0.json"))
 
 
 def test_vqa_two_processes_write_the_same_result_file_as_one(world: str, tmp_path: Path) -> None:
