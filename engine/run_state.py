@@ -30,6 +30,8 @@ def check_output_dir_use(args: argparse.Namespace) -> None:
     found = [os.path.basename(p) for p in list_checkpoints(args.output_dir)]
     if not found and os.path.isfile(os.path.join(args.output_dir, BEST_NAME)):
         found = [BEST_NAME]
+    if not found and logged_epochs(os.path.join(args.output_dir, "log.txt")):
+        found = ["log.txt with epoch lines"]  # its checkpoints were removed: a new run would log epoch 0 again
     if found:
         what = ("--evaluate would overwrite its config.yaml and results: choose" if args.evaluate
                 else "add --resume to continue that run, or choose")

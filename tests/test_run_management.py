@@ -292,7 +292,7 @@ def test_evaluation_leaves_the_training_random_streams_alone(reference: str, tmp
 # ------------------------------------------------------------------ output folders
 
 
-def test_a_used_output_folder_needs_resume(reference: str) -> None:
+def test_a_used_output_folder_needs_resume(reference: str, tmp_path) -> None:
     args = args_of(reference)
     with pytest.raises(ConfigError, match=r"already holds a run's checkpoints \(checkpoint_01.pth, 2 in all\): add "
                                           r"--resume to continue that run, or choose a new --output_dir"):
@@ -301,6 +301,11 @@ def test_a_used_output_folder_needs_resume(reference: str) -> None:
     with pytest.raises(ConfigError, match="--evaluate would overwrite"):
         run_state.check_output_dir_use(args)
     run_state.check_output_dir_use(args_of(reference, resume="latest"))  # allowed
+    only_log = tmp_path / "only_log"
+    only_log.mkdir()
+    (only_log / "log.txt").write_text(open(os.path.join(reference, "log.txt")).readline())
+    with pytest.raises(ConfigError, match=r"\(log.txt with epoch lines, 1 in all\)"):
+        run_state.check_output_dir_use(args_of(str(only_log)))
 
 
 def test_second_pretraining_run_into_a_used_folder_refuses_in_one_line(tmp_path, caplog) -> None:
