@@ -1,7 +1,7 @@
 r"""ALBEF visual question answering: fine-tuning and answer ranking (paper Sec. 5, Fig. 3a; official ``VQA.py``).
 
     python VQA.py --config configs/toy/VQA.yaml --output_dir output/toy_vqa \
-        --checkpoint output/toy_pretrain/checkpoint_best.pth
+        --checkpoint output/toy_pretrain/checkpoint_15.pth
     python VQA.py --config configs/VQA.yaml --output_dir output/vqa --checkpoint vqa.pth --evaluate
     torchrun --nproc_per_node=8 VQA.py --config configs/VQA.yaml --output_dir output/vqa --checkpoint ALBEF.pth
 
