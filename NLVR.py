@@ -1,9 +1,9 @@
 """ALBEF NLVR2: fine-tuning and evaluation (paper Sec. 5 and Fig. 3b, official ``NLVR.py``).
 
     python NLVR.py --config configs/toy/NLVR.yaml --output_dir output/toy_nlvr \
-        --checkpoint output/toy_nlvr_pretrain/checkpoint_best.pth        # after text-assignment pre-training
+        --checkpoint output/toy_nlvr_ta/checkpoint_01.pth        # after text-assignment pre-training
     python NLVR.py --config configs/toy/NLVR.yaml --output_dir output/toy_nlvr_no_ta \
-        --checkpoint output/toy_pretrain/checkpoint_best.pth             # straight from pre-training
+        --checkpoint output/toy_pretrain/checkpoint_15.pth       # straight from pre-training
     torchrun --nproc_per_node=8 NLVR.py --config configs/NLVR.yaml --output_dir output/nlvr \
         --checkpoint pretrain_model_nlvr.pth
     python NLVR.py --config configs/NLVR.yaml --output_dir output/nlvr_eval --checkpoint nlvr.pth --evaluate

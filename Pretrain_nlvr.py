@@ -1,7 +1,7 @@
 """Text-assignment (TA) pre-training for NLVR2 (paper Sec. 5, official ``Pretrain_nlvr.py``).
 
-    python Pretrain_nlvr.py --config configs/toy/NLVR_pretrain.yaml --output_dir output/toy_nlvr_pretrain \
-        --checkpoint output/toy_pretrain/checkpoint_best.pth
+    python Pretrain_nlvr.py --config configs/toy/NLVR_pretrain.yaml --output_dir output/toy_nlvr_ta \
+        --checkpoint output/toy_pretrain/checkpoint_15.pth
     torchrun --nproc_per_node=8 Pretrain_nlvr.py --config configs/NLVR_pretrain.yaml \
         --output_dir output/nlvr_pretrain --checkpoint ALBEF.pth
 
@@ -33,8 +33,11 @@ logger = logging.getLogger("albef.nlvr_pretrain")
 # Every accepted key with its default; this dict is the schema (unknown keys are rejected).
 DEFAULTS: dict[str, Any] = {
     **COMMON_DEFAULTS,
-    "train_file": [],  # JSON files of {image: path, caption: str | [str]} (the pre-training data)
+    "train_file": [],  # JSON files of {image: path, caption: str | [str]} and/or WebDataset shard specs
     "image_root": "",  # joined with relative image paths (official files hold absolute ones)
+    # shards only (dataset.shard_io.SHARD_DEFAULTS, written out here so that --help needs no dataset import):
+    "train_num_samples": 0,  # samples per epoch over all ranks; 0: every shard sample and JSON item once
+    "shuffle_buffer": 1000,  # samples each loader worker shuffles together (raw bytes in memory)
     "image_res": 256,
     "embed_dim": 256,
     "batch_size": 64,  # per GPU; at least 3 (two distinct negatives per caption)
@@ -82,7 +85,7 @@ def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device):
 def main(argv: list[str] | None = None) -> dict:
     """Run TA pre-training; returns the last epoch's record."""
     args = get_parser(__doc__).parse_args(argv)
-    from dataset import PretrainDataset, build_transform, create_loader
+    from dataset import build_pretrain_loader, build_transform
     from engine import checks, distributed, trainer
     from models.albef import ALBEFConfig
     from models.model_pretrain_nlvr import ALBEFPretrainNLVR
@@ -94,12 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = TextTokenizer(args.text_encoder)
     transform = build_transform("pretrain", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                 randaug=config["randaug"])
-    dataset = PretrainDataset(config["train_file"], transform, config["max_words"], config["image_root"])
-    checks.check_sizes(config, {"train": len(dataset)}, args.config, distributed.get_world_size())
-    logger.info("%d image-text items from %d file(s)", len(dataset), len(config["train_file"]))
+    # JSON files: the exact-resume JSON loader; any shard spec: the streaming shard loader (it logs the sizes)
+    loader = build_pretrain_loader(config, transform, args.seed, rank=distributed.get_rank(),
+                                   world_size=distributed.get_world_size())
+    checks.check_sizes(config, {"train": loader.sampler.dataset_len}, args.config, distributed.get_world_size())
     model = ALBEFPretrainNLVR(ALBEFConfig.from_config(config))
-    loader = create_loader(dataset, config["batch_size"], config["num_workers"], shuffle=True, seed=args.seed,
-                           drop_last=True, rank=distributed.get_rank(), world_size=distributed.get_world_size())
     return trainer.fit(model, loader, make_step_fn(tokenizer, config, device), config, args, device)
 
 

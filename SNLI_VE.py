@@ -1,7 +1,7 @@
 """ALBEF visual entailment (SNLI-VE): fine-tuning and evaluation (paper Sec. 5, official ``VE.py``).
 
     python SNLI_VE.py --config configs/toy/VE.yaml --output_dir output/toy_ve \
-        --checkpoint output/toy_pretrain/checkpoint_best.pth
+        --checkpoint output/toy_pretrain/checkpoint_15.pth
     python SNLI_VE.py --config configs/VE.yaml --output_dir output/ve --checkpoint ve.pth --evaluate
     torchrun --nproc_per_node=8 SNLI_VE.py --config configs/VE.yaml --output_dir output/ve --checkpoint ALBEF.pth
 
