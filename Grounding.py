@@ -32,7 +32,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset import build_transform, collate_skip_none, create_loader
-from dataset.grounding_dataset import GroundingEvalDataset, GroundingTrainDataset, load_dets, load_ground_truth
+from dataset.grounding_dataset import (
+    GroundingEvalDataset,
+    GroundingTrainDataset,
+    load_dets,
+    load_ground_truth,
+    reference_problems,
+)
 from dataset.grounding_eval import grounding_accuracy, maps_by_ref, proposal_stats
 from engine import distributed, logs, trainer
 from engine.config import COMMON_DEFAULTS, ConfigError, get_parser
@@ -77,15 +83,32 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def check_config(config: dict) -> None:
-    """Reject values the schema's types cannot catch."""
+def config_problems(config: dict) -> list[str]:
+    """What the schema's types cannot catch: the Grad-CAM mode and block, and the evaluation files (evaluation
+    runs every epoch, so even a training run needs them)."""
+    problems = []
     if config["gradcam_mode"] not in MODES:
-        raise ConfigError(f"gradcam_mode must be one of {MODES}, not {config['gradcam_mode']!r}")
-    if config["block_num"] is not None and not isinstance(config["block_num"], int):
-        raise ConfigError(f"block_num must be an integer or null, not {config['block_num']!r}")
+        problems.append(f"gradcam_mode must be one of {MODES}, not {config['gradcam_mode']!r}")
+    block = config["block_num"]
+    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block < 0):
+        problems.append(f"block_num must be a layer index (an integer >= 0) or null, not {block!r}")
     for key in ("test_file", "refcoco_data", "det_file"):
         if not config[key]:
-            raise ConfigError(f"{key} is not set: grounding is evaluated on test_file with refcoco_data, det_file")
+            problems.append(f"{key} is not set: grounding is evaluated on test_file with refcoco_data, det_file")
+    return problems
+
+
+def training_problems(config: dict) -> list[str]:
+    """Fine-tuning (not ``--evaluate``): ``train_file`` names a file, and a batch holds an ITM hard negative."""
+    from engine.checks import files_given_problems, itm_batch_problems
+
+    return files_given_problems(config, ["train_file"]) + itm_batch_problems(config)
+
+
+# The task's own start-up checks (``engine.checks`` hooks, besides the common rules); scripts/validate_data.py
+# runs them too, and TRAINING_CHECKS unless --evaluate.
+CONFIG_CHECKS = [config_problems]
+TRAINING_CHECKS = [training_problems]
 
 
 def parse_args(argv: list[str] | None) -> Any:
@@ -137,10 +160,10 @@ def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device)
                                    config["image_root"], config["max_words"])
     truth = load_ground_truth(config["refcoco_data"], config["refer_dataset"], config["refer_split_by"])
     dets = load_dets(config["det_file"])
-    missing = sorted({r for r in dataset.ref_ids if r not in truth})
-    if missing:
-        raise ConfigError(f"{len(missing)} ref_id(s) of test_file have no ground truth in {config['refcoco_data']}, "
-                          f"e.g. {missing[:5]}")
+    problems = reference_problems(dataset.ref_ids, truth, dets)
+    if problems:  # found now, not after an epoch of training
+        raise ConfigError(f"{'; '.join(problems)} (ground truth {config['refcoco_data']}, proposals "
+                          f"{config['det_file']})")
     for split, s in proposal_stats(dataset.ref_ids, truth, dets).items():
         logger.info("%s: %d expressions, chance accuracy %.2f%% (mean 1/#proposals), fewest proposals %d, exactly "
                     "one proposal at IoU >= 0.5 for %.1f%%", split, s["n"], 100 * s["chance"], s["min_proposals"],
@@ -170,7 +193,6 @@ def write_results(output_dir: str, results: dict) -> None:
 def run_training(model: ALBEFRetrieval, args: Any, config: dict, evaluate: Callable, tokenizer: TextTokenizer,
                  device: torch.device) -> dict:
     """Fine-tune with ``trainer.fit``; each epoch evaluates every split, ``val_d`` picks the best."""
-    trainer.check_itm_batch(config["batch_size"], "batch_size")
     transform = build_transform("grounding_train", config["image_res"], randaug=config["randaug"])
     dataset = GroundingTrainDataset(config["train_file"], transform, config["image_root"], config["max_words"])
     logger.info("%d expressions of %d images for training", len(dataset), len(dataset.img_ids))
@@ -193,8 +215,8 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, evaluate: Calla
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate; returns the results written to ``grounding_metrics.json``."""
     args = parse_args(argv)
-    config, device = trainer.setup_run(args, DEFAULTS)
-    check_config(config)
+    config, device = trainer.setup_run(args, DEFAULTS, CONFIG_CHECKS if args.evaluate else
+                                       [*CONFIG_CHECKS, *TRAINING_CHECKS])
     tokenizer = TextTokenizer(args.text_encoder)
     model = ALBEFRetrieval(ALBEFConfig.from_config(config))
     evaluate = make_evaluator(config, tokenizer, device)

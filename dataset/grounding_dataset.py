@@ -154,6 +154,33 @@ def load_dets(path: str) -> dict[str, list[list[float]]]:
     return data
 
 
+def reference_problems(ref_ids: Sequence[int], truth: dict[int, RefTruth], dets: dict[str, list],
+                       source: str = "test_file") -> list[str]:
+    """What evaluation would trip on: ref ids of ``source`` without ground truth, and their images without
+    proposals in the detection file (each problem with a count and up to 5 examples)."""
+    problems = []
+    missing = sorted({r for r in ref_ids if r not in truth})
+    if missing:
+        problems.append(f"{len(missing)} ref_id(s) of {source} have no ground truth, e.g. {missing[:5]}")
+    no_dets = sorted({str(truth[r].image_id) for r in ref_ids if r in truth and not dets.get(str(truth[r].image_id))})
+    if no_dets:
+        problems.append(f"{len(no_dets)} image(s) of {source} have no proposals in the detection file, "
+                        f"e.g. {no_dets[:5]}")
+    return problems
+
+
+def grounding_file_problems(config: dict, test_items: Sequence[dict]) -> list[str]:
+    """Problems of a grounding config's ``refcoco_data`` and ``det_file`` and of their coverage of the
+    ``ref_id`` of ``test_items`` (the valid evaluation items): what ``Grounding.py`` checks at start-up."""
+    try:
+        truth = load_ground_truth(config.get("refcoco_data") or "", config.get("refer_dataset", "refcoco+"),
+                                  config.get("refer_split_by", "unc"))
+        dets = load_dets(config.get("det_file") or "")
+    except DataError as err:
+        return [str(err)]
+    return reference_problems([item["ref_id"] for item in test_items], truth, dets)
+
+
 # ----------------------------------------------------------------------------- datasets
 def image_key(path: str) -> str:
     """The image id of ITC positives: the file name (official ``ann['image'].split('/')[-1]``)."""

@@ -323,8 +323,13 @@ def _task_files(
             problems.append(
                 f"config: 'image_root' must be a string, got {config.get('image_root')!r}"
             )
+    elif task == "grounding":  # Grounding.py: the ground truth and proposals are checked by task_file_report
+        pairs += [(f, GROUNDING_TRAIN_SCHEMA) for f in files_of("train_file", True)]
+        pairs += [(f, GROUNDING_TEST_SCHEMA) for f in files_of("test_file", True)]
+        if not isinstance(config.get("image_root"), str):
+            problems.append(f"config: 'image_root' must be a string, got {config.get('image_root')!r}")
     else:
-        raise ValueError(f"unknown task {task!r}; expected 'pretrain' or 'retrieval'")
+        raise ValueError(f"unknown task {task!r}; expected 'pretrain', 'retrieval' or 'grounding'")
     return pairs, problems
 
 
@@ -379,14 +384,18 @@ def task_file_report(
             split_of[f] = key[: -len("_file")]
     sizes: dict[str, int] = {}
     broken: set[str] = set()
+    grounding_items: list[dict] = []  # the valid evaluation items of a grounding config
     for path, schema in pairs:
         if schema is PRETRAIN_SCHEMA and not path.lower().endswith(".json"):
             from dataset.shard_io import shard_problems  # a WebDataset shard spec (dataset/shards.py)
 
             problems += shard_problems(path)
             continue
-        items, found = annotation_problems(path, schema, limit=limit)
+        text_keys = tuple(k for k in ("caption", "text") if k in schema)  # grounding items carry 'text'
+        items, found = annotation_problems(path, schema, text_keys, limit=limit)
         problems += found
+        if schema is GROUNDING_TEST_SCHEMA:
+            grounding_items += items
         split = split_of.get(path, "train")
         if found and not items:
             broken.add(split)  # unreadable or no valid item: reported above, not counted as empty
@@ -394,6 +403,10 @@ def task_file_report(
         logger.info("%s: %d valid items, %d problem(s)", path, len(items), len(found))
         if check_images:
             problems += _check_images(path, items, image_root)
+    if task == "grounding":
+        from dataset.grounding_dataset import grounding_file_problems  # it imports this module
+
+        problems += grounding_file_problems(dict(config), grounding_items)
     return {split: n for split, n in sizes.items() if split not in broken}, problems
 
 
@@ -404,8 +417,9 @@ def validate_config_files(
 
     Args:
         config: the parsed YAML config.
-        task: ``'pretrain'`` (``train_file``) or ``'retrieval'`` (``train_file``,
-            ``val_file``, ``test_file`` and ``image_root``).
+        task: ``'pretrain'`` (``train_file``), ``'retrieval'`` (``train_file``,
+            ``val_file``, ``test_file`` and ``image_root``) or ``'grounding'`` (``train_file``, ``test_file``,
+            ``image_root``, and ``refcoco_data`` and ``det_file`` covering every test ``ref_id``).
         check_images: also decode every referenced image with :func:`load_image`.
 
     Returns:

@@ -38,6 +38,7 @@ from dataset.grounding_eval import (
 )
 from dataset.toy_world import ensure_toy_world
 from dataset.transforms import build_transform
+from dataset.validate import validate_config_files
 from models.albef import ALBEFConfig
 from models.gradcam import default_block, gradcam
 from models.model_retrieval import ALBEFRetrieval
@@ -301,6 +302,47 @@ def test_datasets(world: Path, tmp_path: Path) -> None:
     test = GroundingEvalDataset([str(world / "grounding_test.json")], build_transform("test", 32), str(world))
     image, text, ref_id = test[3]
     assert ref_id == json.loads((world / "grounding_test.json").read_text())[3]["ref_id"] == test.ref_ids[3]
+
+
+def grounding_config(world: Path, **changes: object) -> dict:
+    config = {"train_file": [str(world / "grounding_train.json")], "test_file": [str(world / "grounding_test.json")],
+              "image_root": str(world), "refcoco_data": str(world / "refs.json"), "det_file": str(world / "dets.json")}
+    return {**config, **changes}
+
+
+def test_validate_config_files_checks_grounding_files_truth_and_proposals(world: Path, tmp_path: Path) -> None:
+    assert validate_config_files(grounding_config(world), "grounding", check_images=True) == []
+    assert validate_config_files(grounding_config(world, refcoco_data=str(write_refer_layout(world, tmp_path))),
+                                 "grounding") == []
+    items = json.loads((world / "grounding_test.json").read_text())
+    bad = tmp_path / "test.json"
+    bad.write_text(json.dumps([*items[:3], {"image": items[0]["image"], "text": "x", "ref_id": 999},
+                               {"image": items[0]["image"], "text": 3, "ref_id": 1}]))
+    dets = json.loads((world / "dets.json").read_text())
+    first_image = str(json.loads((world / "refs.json").read_text())[str(items[0]["ref_id"])]["image_id"])
+    dets.pop(first_image)
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    problems = validate_config_files(grounding_config(world, test_file=[str(bad)], det_file=str(tmp_path / "dets.json"),
+                                                      train_file=[str(world / "missing.json")]), "grounding")
+    assert len(problems) == 4, problems
+    assert problems[:2] == [f"{world / 'missing.json'}: annotation file not found",
+                            f"{bad}, item 4, key 'text': expected str, got int ('3')"]
+    assert problems[2] == "1 ref_id(s) of test_file have no ground truth, e.g. [999]"
+    assert problems[3] == f"1 image(s) of test_file have no proposals in the detection file, e.g. ['{first_image}']"
+    assert validate_config_files(grounding_config(world, refcoco_data=str(tmp_path / "none")), "grounding") == [
+        f"{tmp_path / 'none'}: grounding ground truth not found (a JSON file or a refer data folder)"]
+
+
+def test_grounding_config_hooks() -> None:
+    import Grounding
+
+    config = {**Grounding.DEFAULTS, "test_file": ["t.json"], "refcoco_data": "r", "det_file": "d.json"}
+    assert Grounding.config_problems(config) == []
+    assert Grounding.config_problems({**config, "gradcam_mode": "grad", "block_num": "8", "det_file": ""}) == [
+        "gradcam_mode must be one of ('itm', 'itc'), not 'grad'",
+        "block_num must be a layer index (an integer >= 0) or null, not '8'",
+        "det_file is not set: grounding is evaluated on test_file with refcoco_data, det_file"]
+    assert len(Grounding.training_problems({**config, "batch_size": 1})) == 2  # no train_file; no ITM negative
 
 
 # ----------------------------------------------------------------------------- pictures
