@@ -6,7 +6,7 @@ To add a section, see the docstring of ``scripts/benchmark.py``.
 
 from __future__ import annotations
 
-from scripts.bench import data_pipeline, gradcam, pretrain_step, retrieval_eval, retrieval_step
+from scripts.bench import data_pipeline, gradcam, pretrain_step, retrieval_eval, retrieval_step, vqa
 from scripts.bench.common import Section
 
 SECTIONS: dict[str, Section] = {
@@ -15,4 +15,5 @@ SECTIONS: dict[str, Section] = {
     "retrieval_eval": retrieval_eval.SECTION,
     "retrieval_step": retrieval_step.SECTION,
     "gradcam": gradcam.SECTION,
+    "vqa": vqa.SECTION,
 }
