@@ -23,8 +23,11 @@ logger = logging.getLogger("albef.pretrain")
 # Every accepted key with its default; this dict is the schema (unknown keys are rejected).
 DEFAULTS: dict[str, Any] = {
     **COMMON_DEFAULTS,
-    "train_file": [],  # JSON files of {image: path, caption: str | [str]}
+    "train_file": [],  # JSON files of {image: path, caption: str | [str]} and/or WebDataset shard specs
     "image_root": "",  # joined with relative image paths (official files hold absolute ones)
+    # shards only (dataset.shard_io.SHARD_DEFAULTS, written out here so that --help needs no dataset import):
+    "train_num_samples": 0,  # samples per epoch over all ranks; 0: every shard sample and JSON item once
+    "shuffle_buffer": 1000,  # samples each loader worker shuffles together (raw bytes in memory)
     "image_res": 256,
     "embed_dim": 256,
     "batch_size": 64,  # per GPU
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     reject_flags(args, parser, {"evaluate": "pre-training only trains (evaluate a pre-trained checkpoint with "
                                             "Retrieval.py --evaluate)"}, "Pretrain.py")
-    from dataset import PretrainDataset, create_loader
+    from dataset import build_pretrain_loader
     from engine import distributed, trainer
     from models.tokenizer import TextTokenizer
 
@@ -110,11 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = TextTokenizer(args.text_encoder)
     transform = build_transform("pretrain", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                 randaug=config["randaug"])
-    dataset = PretrainDataset(config["train_file"], transform, config["max_words"], config["image_root"])
-    logger.info("%d image-text items from %d file(s)", len(dataset), len(config["train_file"]))
+    # JSON files: the exact-resume JSON loader; any shard spec: the streaming shard loader (it logs the sizes)
+    loader = build_pretrain_loader(config, transform, args.seed, rank=distributed.get_rank(),
+                                   world_size=distributed.get_world_size())
     model = build_model(config, tokenizer, args.text_encoder)
-    loader = create_loader(dataset, config["batch_size"], config["num_workers"], shuffle=True, seed=args.seed,
-                           drop_last=True, rank=distributed.get_rank(), world_size=distributed.get_world_size())
     return trainer.fit(model, loader, make_step_fn(tokenizer, config, device), config, args, device)
 
 

@@ -205,6 +205,17 @@ class ShardLoader:
         """This loader: it takes ``set_epoch`` and ``set_start`` like ``ResumableSampler``."""
         return self
 
+    @property
+    def dataset_len(self) -> int:
+        """Samples in all shards and JSON items: a mid-epoch checkpoint records it, and a resume on changed data
+        is refused (``dataset.sampler.plan_epoch``)."""
+        return sum(u.count for u in self.dataset.units)
+
+    @property
+    def seed(self) -> int:
+        """The seed of the epoch layout: a mid-epoch resume under another one is refused (``plan_epoch``)."""
+        return self.dataset.seed
+
     def set_epoch(self, epoch: int) -> None:
         """Select the unit order, shuffles and augmentation seeds of ``epoch``."""
         self.dataset.epoch = epoch
@@ -241,7 +252,8 @@ def build_pretrain_loader(config: Mapping[str, Any], transform: Callable, seed: 
     ``PretrainDataset`` (exact resume as before); any shard spec -> a :class:`ShardLoader` over all entries.
 
     Reads ``train_file``, ``batch_size``, ``num_workers``, ``max_words`` (30), ``image_root`` ('') and, for
-    shards, ``train_num_samples`` and ``shuffle_buffer`` (``SHARD_DEFAULTS``).
+    shards, ``train_num_samples`` and ``shuffle_buffer`` (``SHARD_DEFAULTS``). Either loader has
+    ``sampler.dataset_len``, the number of training samples (JSON items, or shard samples and JSON items).
 
     Raises:
         DataError: missing shard files or JSON files, invalid JSON items, fewer samples than one global batch.
@@ -253,7 +265,8 @@ def build_pretrain_loader(config: Mapping[str, Any], transform: Callable, seed: 
     image_root = config.get("image_root", "") or ""
     if not has_shards(train_file):
         dataset = PretrainDataset(train_file, transform, max_words, image_root)
-        logger.info("%d image-text items from JSON annotation files", len(dataset))
+        logger.info("%d image-text items from %d JSON annotation file(s)", len(dataset),
+                    1 if isinstance(train_file, str) else len(train_file))
         return create_loader(dataset, batch_size, num_workers, shuffle=True, seed=seed, drop_last=True,
                              rank=rank, world_size=world_size)
     units, json_items = build_units(train_file)
