@@ -10,8 +10,14 @@ Two modes, computed as the official ``Grounding.py`` (``val``) and ``visualizati
 * ``itc``: the gradient of the image-text ITC similarity (``image_feat . text_feat / temp``) with respect to the
   [CLS]-to-patch self-attention of ViT block ``block_num``, ``attention * gradient.clamp(0)`` averaged over heads.
 
+* VQA (:func:`answer_gradcam`, paper Fig. 5): the VQA model has neither ITM head nor contrastive projections, so
+  its map is the ``itm`` computation with another score: the answer decoder's log-likelihood of a given answer
+  (the official code has no VQA Grad-CAM; this score explains the answer the model gives), on the cross-attention
+  of the encoder's fusion layer ``block_num``.
+
 The patch grid (``image_res / patch_size``) and the head counts come from the model's configuration. Attention
-is computed explicitly (and kept) only inside :func:`gradcam`; training keeps the fused attention path.
+is computed explicitly (and kept) only inside :func:`gradcam` and :func:`answer_gradcam`; training keeps the
+fused attention path.
 """
 
 from __future__ import annotations
@@ -81,9 +87,13 @@ def gradcam(
         ``itm`` mode ``'token_maps': (B, T, G, G)``, one map per text token (zero at padding).
 
     Raises:
-        ValueError: unknown mode, or ``block_num`` names a layer without cross-attention (``itm``).
+        ValueError: unknown mode, a model without ITM head (VQA: :func:`answer_gradcam`), or ``block_num`` names a
+            layer without cross-attention (``itm``).
         IndexError: ``block_num`` is not a ViT block (``itc``).
     """
+    if not hasattr(model, "itm_head"):
+        raise ValueError(f"{type(model).__name__} has no ITM head or contrastive projections: for a VQA model use "
+                         "answer_gradcam (the likelihood of an answer)")
     block = default_block(model, mode) if block_num is None else block_num
     with _evaluating(model), torch.enable_grad():
         if mode == "itm":
@@ -91,14 +101,19 @@ def gradcam(
         return _itc_gradcam(model, image, input_ids, attention_mask, block)
 
 
-def _itm_gradcam(model: ALBEFBase, image: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                 block: int) -> dict[str, Tensor]:
+def _cross_attention(model: ALBEFBase, block: int) -> nn.Module:
+    """The cross-attention (``BertSelfAttention``) of BERT layer ``block``; ValueError for a text-only layer."""
     layers = model.bert.encoder.layer
     if not 0 <= block < len(layers) or not layers[block].has_cross_attention:
         fusion = model.config.bert.fusion_layer
         raise ValueError(f"itm Grad-CAM needs a fusion layer: block_num {block} is not in "
                          f"[{fusion}, {len(layers)})")
-    attention = layers[block].crossattention.self
+    return layers[block].crossattention.self
+
+
+def _itm_gradcam(model: ALBEFBase, image: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                 block: int) -> dict[str, Tensor]:
+    attention = _cross_attention(model, block)
     attention.save_attention = True
     try:
         with torch.no_grad():  # the ViT's own graph is not needed: the gradient stops at the attention
@@ -114,6 +129,51 @@ def _itm_gradcam(model: ALBEFBase, image: Tensor, input_ids: Tensor, attention_m
         attention.attention_map = None
     (grad,) = torch.autograd.grad(score.sum(), probs)
     token_maps = _weigh(probs, grad, attention_mask, patch_grid(model))  # (B, T, G, G)
+    return {"map": token_maps.mean(1), "token_maps": token_maps, "score": score.detach()}
+
+
+def answer_gradcam(
+    model: ALBEFBase, image: Tensor, question_ids: Tensor, question_mask: Tensor, answer_ids: Tensor,
+    answer_mask: Tensor, block_num: int | None = None,
+) -> dict[str, Tensor]:
+    """Grad-CAM of a VQA model (``models.model_vqa.ALBEFVQA``): where the encoder looks for the answer.
+
+    Args:
+        model: the VQA model (``visual_encoder``, ``text_encoder`` with fusion layers, ``text_decoder``).
+        image: (B, 3, R, R) normalised images.
+        question_ids, question_mask: (B, Tq) tokenised questions.
+        answer_ids, answer_mask: (B, Ta) one answer per question, ``[CLS] answer [SEP] [PAD]..``
+            (``models.vqa_rank.tokenize_answers``).
+        block_num: the encoder's fusion layer (``None``: :func:`default_block` in ``itm`` mode, the official 8).
+
+    Returns:
+        ``{'map': (B, G, G), 'token_maps': (B, Tq, G, G), 'score': (B,)}``: the maps as in ``itm`` mode, with the
+        gradient of ``score``, the answer's log-likelihood (summed over its tokens, ``[SEP]`` included).
+
+    Raises:
+        ValueError: ``block_num`` names a layer without cross-attention.
+    """
+    block = default_block(model, "itm") if block_num is None else block_num
+    with _evaluating(model), torch.enable_grad():
+        attention = _cross_attention(model, block)
+        attention.save_attention = True
+        try:
+            with torch.no_grad():
+                image_embeds = model.visual_encoder(image)  # (B, 1+G*G, D)
+            image_embeds.requires_grad_(True)
+            states = model.text_encoder(question_ids, question_mask, image_embeds)  # (B, Tq, H), every layer
+            probs = attention.attention_map  # (B, nh, Tq, 1+G*G)
+        finally:
+            attention.save_attention = False
+            attention.attention_map = None
+        decoder = model.text_decoder
+        rows = torch.arange(image.size(0), device=image.device)  # answer b attends to question b
+        hidden = decoder(answer_ids, answer_mask, decoder.question_keys_values(states), question_mask, rows)
+        targets = answer_ids[:, 1:]  # (B, Ta-1): position t predicts token t+1
+        log_probs = decoder.cls(hidden[:, :-1]).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        score = (log_probs * (targets != model.pad_token_id)).sum(1)  # (B,)
+        (grad,) = torch.autograd.grad(score.sum(), probs)
+    token_maps = _weigh(probs, grad, question_mask, patch_grid(model))  # (B, Tq, G, G)
     return {"map": token_maps.mean(1), "token_maps": token_maps, "score": score.detach()}
 
 

@@ -13,6 +13,15 @@ works: pre-training, retrieval or grounding. The model architecture comes from `
 ``bert_config``, ``image_res``, ``vision_width``, ``vit``, ``embed_dim``) or else from the config saved in the
 checkpoint.
 
+A VQA checkpoint (one with ``text_decoder`` weights; paper Fig. 5) has no ITM head: ``--text`` is the question
+and the map explains an answer, ``--answer`` or else the top-ranked answer of ``--answer_list`` (a JSON list, as
+VQA.py's ``answer_list``), by the gradient of its log-likelihood (``models.gradcam.answer_gradcam``; ``itm``
+mode only)::
+
+    python scripts/visualize.py --config configs/toy/VQA.yaml --checkpoint output/toy_vqa/checkpoint_best.pth \
+        --image data/toy/images/test/00003.png --text "what color is the circle" \
+        --answer_list data/toy/answer_list.json --output_dir output/gradcam_vqa
+
 The overlay follows the notebook's ``getAttMap``: the map scaled to [0, 1], resized bicubically to the picture,
 blurred (Gaussian, sigma = 0.02 x the longer side), scaled again, coloured with the jet colour map and blended
 as ``(1 - a**0.7) * image + a**0.7 * colour``. Rendering uses numpy and Pillow only.
@@ -21,6 +30,7 @@ as ``(1 - a**0.7) * image + a**0.7 * colour``. Rendering uses numpy and Pillow o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -36,14 +46,16 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from ruamel.yaml import YAML  # noqa: E402
 
-from dataset.caption import pre_caption  # noqa: E402
+from dataset.caption import pre_caption, pre_question  # noqa: E402
 from dataset.image_io import load_image  # noqa: E402
 from dataset.transforms import build_transform  # noqa: E402
 from models.albef import ALBEFConfig  # noqa: E402
-from models.checkpoint import load_weights, read_state_dict  # noqa: E402
-from models.gradcam import MODES, gradcam  # noqa: E402
+from models.checkpoint import CheckpointError, load_weights, read_state_dict  # noqa: E402
+from models.gradcam import MODES, answer_gradcam, gradcam  # noqa: E402
 from models.model_retrieval import ALBEFRetrieval  # noqa: E402
+from models.model_vqa import ALBEFVQA  # noqa: E402
 from models.tokenizer import TextTokenizer  # noqa: E402
+from models.vqa_rank import tokenize_answers  # noqa: E402
 
 logger = logging.getLogger("albef.visualize")
 TITLE_HEIGHT = 18
@@ -121,13 +133,42 @@ def text_maps(model: ALBEFRetrieval, tokenizer: TextTokenizer, image: torch.Tens
     device = next(model.parameters()).device
     out = gradcam(model, image[None].to(device), batch.input_ids.to(device), batch.attention_mask.to(device),
                   mode=mode, block_num=block_num)
+    return _maps(out, tokenizer, batch.input_ids[0])
+
+
+def _maps(out: dict[str, torch.Tensor], tokenizer: TextTokenizer,
+          input_ids: torch.Tensor) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """Grad-CAM output of one text -> the sentence map and ``[(token, map)]`` after [CLS] (if token maps exist)."""
     sentence = out["map"][0].float().cpu().numpy()
     words = []
     if "token_maps" in out:
-        tokens = tokenizer.backend.convert_ids_to_tokens(batch.input_ids[0].tolist())
+        tokens = tokenizer.backend.convert_ids_to_tokens(input_ids.tolist())
         maps = out["token_maps"][0].float().cpu().numpy()
         words = [(token, maps[i]) for i, token in enumerate(tokens) if i > 0]
     return sentence, words
+
+
+def pick_answer(model: ALBEFVQA, tokenizer: TextTokenizer, image: torch.Tensor, question: str,
+                answer_list: list[str], k: int = 128) -> str:
+    """The top-ranked answer of ``answer_list`` for one image (3, R, R) and cleaned question (``model.rank``)."""
+    device = next(model.parameters()).device
+    q = tokenizer([question], max_length=model.config.bert.max_position_embeddings).to(device)
+    answers = tokenize_answers(tokenizer, answer_list).to(device)
+    ranked, _ = model.eval().rank(image[None].to(device), q.input_ids, q.attention_mask, answers.input_ids,
+                                  answers.attention_mask, min(k, len(answer_list)))
+    return answer_list[int(ranked[0, 0])]
+
+
+def vqa_maps(model: ALBEFVQA, tokenizer: TextTokenizer, image: torch.Tensor, question: str, answer: str,
+             block_num: int | None = None) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """One image (3, R, R), cleaned question and answer -> the question map (G, G) and one map per question
+    token, by the gradient of the answer's log-likelihood (:func:`models.gradcam.answer_gradcam`)."""
+    device = next(model.parameters()).device
+    q = tokenizer([question], max_length=model.config.bert.max_position_embeddings).to(device)
+    a = tokenize_answers(tokenizer, [answer]).to(device)
+    out = answer_gradcam(model, image[None].to(device), q.input_ids, q.attention_mask, a.input_ids,
+                         a.attention_mask, block_num)
+    return _maps(out, tokenizer, q.input_ids[0])
 
 
 def write_pictures(picture: Image.Image, sentence: np.ndarray, words: list[tuple[str, np.ndarray]], text: str,
@@ -151,8 +192,9 @@ def write_pictures(picture: Image.Image, sentence: np.ndarray, words: list[tuple
 
 
 # ----------------------------------------------------------------------------- command line
-def load_model(config_path: str | None, checkpoint: str, device: torch.device) -> ALBEFRetrieval:
-    """The ALBEF model of ``--config`` (or of the checkpoint's saved config) with the checkpoint's weights."""
+def load_model(config_path: str | None, checkpoint: str, device: torch.device) -> ALBEFRetrieval | ALBEFVQA:
+    """The ALBEF model of ``--config`` (or of the checkpoint's saved config) with the checkpoint's weights: the
+    VQA model for a checkpoint with ``text_decoder`` weights, else the retrieval model (ITM head, projections)."""
     state, ckpt = read_state_dict(checkpoint)
     if config_path:
         with open(config_path, encoding="utf-8") as f:
@@ -161,7 +203,10 @@ def load_model(config_path: str | None, checkpoint: str, device: torch.device) -
         config = ckpt["config"]
     else:
         raise ValueError(f"{checkpoint} holds no config: pass --config")
-    model = ALBEFRetrieval(ALBEFConfig.from_config(config))
+    if any(key.startswith("text_decoder.") for key in state):
+        model = ALBEFVQA(ALBEFConfig.from_config(config), decoder_layers=config.get("decoder_layers") or None)
+    else:
+        model = ALBEFRetrieval(ALBEFConfig.from_config(config))
     load_weights(model, state)
     return model.to(device).eval()
 
@@ -171,7 +216,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--config", default=None, help="YAML with the model keys (default: the checkpoint's)")
     parser.add_argument("--image", required=True)
-    parser.add_argument("--text", required=True)
+    parser.add_argument("--text", required=True, help="the text, or the question of a VQA checkpoint")
+    parser.add_argument("--answer", default=None, help="VQA checkpoints: the answer the map explains")
+    parser.add_argument("--answer_list", default=None,
+                        help="VQA checkpoints without --answer: a JSON list of answers; the top-ranked one is used")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--gradcam_mode", default="itm", choices=MODES)
     parser.add_argument("--block_num", type=int, default=None, help="default: models.gradcam.default_block")
@@ -179,6 +227,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--display_size", type=int, default=256, help="longer side of the pictures (pixels)")
     parser.add_argument("--device", default="cpu")
     return parser.parse_args(argv)
+
+
+def vqa_question_answer(args: argparse.Namespace, model: ALBEFVQA, tokenizer: TextTokenizer,
+                        image: torch.Tensor) -> tuple[str, str]:
+    """The cleaned question (``pre_question``, 50 words as at VQA test time) and the answer to explain."""
+    if args.gradcam_mode != "itm":
+        raise ValueError(f"a VQA checkpoint has no contrastive projections: --gradcam_mode {args.gradcam_mode} needs "
+                         "a pre-training, retrieval or grounding checkpoint (VQA maps are itm-style)")
+    question = pre_question(args.text, 50)
+    if args.answer:
+        return question, args.answer
+    if not args.answer_list:
+        raise ValueError("a VQA checkpoint needs --answer (the answer the map explains) or --answer_list (its "
+                         "top-ranked answer is used)")
+    with open(args.answer_list, encoding="utf-8") as f:
+        answer = pick_answer(model, tokenizer, image, question, json.load(f))
+    logger.info("answer to %r: %r (top of %s)", question, answer, args.answer_list)
+    return question, answer
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -189,14 +255,26 @@ def main(argv: list[str] | None = None) -> list[str]:
     model = load_model(args.config, args.checkpoint, device)
     source = load_image(args.image)
     image = build_transform("test", model.config.image_res)(source)
-    sentence, words = text_maps(model, TextTokenizer(args.text_encoder), image, args.text, args.gradcam_mode,
-                                args.block_num)
+    tokenizer = TextTokenizer(args.text_encoder)
+    if isinstance(model, ALBEFVQA):
+        question, answer = vqa_question_answer(args, model, tokenizer, image)
+        sentence, words = vqa_maps(model, tokenizer, image, question, answer, args.block_num)
+        title = f"{question}: {answer}"
+    else:
+        if args.answer or args.answer_list:
+            raise ValueError("--answer and --answer_list are for VQA checkpoints; this one has an ITM head")
+        sentence, words = text_maps(model, tokenizer, image, args.text, args.gradcam_mode, args.block_num)
+        title = pre_caption(args.text, 30)
     scale = args.display_size / max(source.size)
     picture = source.resize((round(source.width * scale), round(source.height * scale)), Image.Resampling.BICUBIC)
-    paths = write_pictures(picture, sentence, words, pre_caption(args.text, 30), args.output_dir)
+    paths = write_pictures(picture, sentence, words, title, args.output_dir)
     logger.info("wrote %s", ", ".join(paths))
     return paths
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, CheckpointError) as exc:  # one line, no traceback
+        logger.error("%s", exc)
+        sys.exit(2)

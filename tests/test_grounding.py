@@ -40,8 +40,11 @@ from dataset.toy_world import ensure_toy_world
 from dataset.transforms import build_transform
 from dataset.validate import validate_config_files
 from models.albef import ALBEFConfig
-from models.gradcam import default_block, gradcam
+from models.gradcam import answer_gradcam, default_block, gradcam
 from models.model_retrieval import ALBEFRetrieval
+from models.model_vqa import ALBEFVQA
+from models.tokenizer import TextTokenizer
+from models.vqa_rank import tokenize_answers
 from scripts import benchmark, visualize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +115,28 @@ def test_gradcam_of_a_frozen_model_equals_the_trainable_one() -> None:
     model.requires_grad_(False)
     for mode in ("itm", "itc"):
         torch.testing.assert_close(gradcam(model, image, ids, mask, mode=mode)["map"], expected[mode])
+
+
+def test_answer_gradcam_of_a_vqa_model_explains_the_answer_likelihood() -> None:
+    config = tiny_albef(distill=False)
+    model = ALBEFVQA(config).train()
+    image, ids, mask = batch(config)
+    answer_ids = torch.tensor([[101, 1005, 102, 0], [101, 1006, 1007, 102]])  # [CLS] answer [SEP] [PAD]
+    answer_mask = (answer_ids != 0).long()
+    out = answer_gradcam(model, image, ids, mask, answer_ids, answer_mask)
+    assert out["map"].shape == (2, 4, 4) and out["token_maps"].shape == (2, 6, 4, 4)
+    assert (out["token_maps"] >= 0).all() and out["token_maps"].sum() > 0
+    assert (out["token_maps"][1, 4:] == 0).all()  # padded question tokens
+    torch.testing.assert_close(out["map"], out["token_maps"].mean(1))
+    assert model.training and all(p.grad is None for p in model.parameters())
+    # the score is the answer's log-likelihood: minus the training loss of each question with its one answer
+    model.eval()
+    for b in range(2):
+        loss = model(image[b:b + 1], ids[b:b + 1], mask[b:b + 1], answer_ids[b:b + 1], answer_mask[b:b + 1],
+                     torch.tensor([1]), torch.tensor([1.0]))["loss"]
+        torch.testing.assert_close(out["score"][b], -loss.detach())
+    with pytest.raises(ValueError, match="answer_gradcam"):
+        gradcam(model, image, ids, mask)
 
 
 class FixedTokens(nn.Module):
@@ -389,6 +414,48 @@ def test_visualize_writes_valid_pngs(world: Path, tmp_path: Path) -> None:
                           "--image", str(world / image), "--text", "a circle", "--output_dir", str(tmp_path / "itc"),
                           "--gradcam_mode", "itc"])
     assert [Path(p).name for p in itc] == ["sentence.png", "grid.png"]
+
+
+def test_visualize_a_vqa_checkpoint_explains_its_answer(world: Path, tmp_path: Path) -> None:
+    bert = tiny_bert()
+    (tmp_path / "bert.json").write_text(json.dumps({k: getattr(bert, k) for k in bert.__dataclass_fields__}))
+    (tmp_path / "vqa.yaml").write_text(
+        f"bert_config: {tmp_path / 'bert.json'}\nimage_res: 32\nvision_width: 32\n"
+        "vit: {patch_size: 8, depth: 2, heads: 2}\ndistill: false\n")
+    torch.save({"model": ALBEFVQA(tiny_albef(distill=False)).state_dict()}, tmp_path / "vqa.pth")
+    image = str(world / json.loads((world / "grounding_test.json").read_text())[0]["image"])
+    common = ["--config", str(tmp_path / "vqa.yaml"), "--checkpoint", str(tmp_path / "vqa.pth"), "--image", image,
+              "--text", "What color is the circle?"]
+    paths = visualize.main([*common, "--answer", "red", "--output_dir", str(tmp_path / "a")])
+    assert [Path(p).name for p in paths] == ["sentence.png", "word_01_what.png", "word_02_color.png",
+                                             "word_03_is.png", "word_04_the.png", "word_05_circle.png", "grid.png"]
+    for path in paths:
+        with Image.open(path) as im:
+            im.verify()
+    (tmp_path / "answers.json").write_text(json.dumps(["red", "blue", "two"]))
+    ranked = visualize.main([*common, "--answer_list", str(tmp_path / "answers.json"), "--output_dir",
+                             str(tmp_path / "b")])
+    assert len(ranked) == 7
+    # the answer picked from the list is the one of highest likelihood, the score answer_gradcam differentiates
+    model = visualize.load_model(str(tmp_path / "vqa.yaml"), str(tmp_path / "vqa.pth"), torch.device("cpu"))
+    tokenizer = TextTokenizer()
+    pixels = build_transform("test", 32)(Image.open(image).convert("RGB"))
+    q = tokenizer(["what color is the circle"], max_length=30)
+    scores = []
+    for answer in ("red", "blue", "two"):
+        a = tokenize_answers(tokenizer, [answer])
+        scores.append(answer_gradcam(model, pixels[None], q.input_ids, q.attention_mask, a.input_ids,
+                                     a.attention_mask)["score"].item())
+    best = ("red", "blue", "two")[scores.index(max(scores))]
+    assert visualize.pick_answer(model, tokenizer, pixels, "what color is the circle", ["red", "blue", "two"]) == best
+    with pytest.raises(ValueError, match="needs --answer"):
+        visualize.main([*common, "--output_dir", str(tmp_path / "c")])
+    with pytest.raises(ValueError, match="no contrastive projections"):
+        visualize.main([*common, "--answer", "red", "--gradcam_mode", "itc", "--output_dir", str(tmp_path / "d")])
+    result = subprocess.run([sys.executable, "scripts/visualize.py", *common, "--output_dir", str(tmp_path / "e")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    last = result.stderr.strip().splitlines()[-1]  # after the checkpoint's load line: one error line, no traceback
+    assert result.returncode == 2 and "ERROR" in last and "needs --answer" in last and "Traceback" not in result.stderr
 
 
 # ----------------------------------------------------------------------------- Grounding.py
