@@ -361,3 +361,16 @@ def test_pretrain_from_shards_in_one_process_and_under_torchrun(world: str, shar
             for loss, tol in (("ita", 0.3), ("itm", 0.03), ("mlm", 0.5)):
                 got, want = logs[name][epoch][f"train_loss_{loss}"], logs["json"][epoch][f"train_loss_{loss}"]
                 assert got == pytest.approx(want, abs=tol), (name, epoch, loss)
+
+
+def test_text_assignment_pretraining_reads_shards(world: str, shards: str, tmp_path, one_thread: None) -> None:
+    """Pretrain_nlvr.py (TA) takes the same train_file: one epoch of the toy shards, 5 steps of 8."""
+    import Pretrain_nlvr
+
+    out = str(tmp_path / "ta")
+    record = Pretrain_nlvr.main([
+        "--config", os.path.join(ROOT, "configs", "toy", "NLVR_pretrain.yaml"), "--output_dir", out, "--device",
+        "cpu", "--override", "toy_world=''", f"train_file=['{os.path.join(shards, SPEC)}']", "schedular.epochs=1",
+        "batch_size=8", "num_workers=2", "image_res=32", "vit={patch_size: 8, depth: 1, heads: 4}"])
+    assert record["epoch"] == 0 and record["train_loss_ta"] > 0 and record["skipped_images"] == 0
+    assert record["samples_per_s"] * record["epoch_seconds"] == pytest.approx(N)  # 5 steps x 8 samples
