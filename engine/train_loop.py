@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from engine.distributed import all_gather_cat, collective_device, get_world_size, is_main_process
+from engine.distributed import all_gather_cat, collective_device, get_rank, get_world_size, is_main_process
 from engine.logs import MetricAccumulator
 
 logger = logging.getLogger(__name__)
@@ -48,11 +48,18 @@ def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return _AMP_DTYPES[amp]
 
 
-def _unpack_batch(batch: Any, counter: dict, max_skipped: int, epoch: int, step: int) -> Any:
-    """Strip the trailing dropped-sample count (counted in ``counter['skipped']``); None for an empty batch."""
-    if batch is None:
-        return None
-    dropped = int(batch[-1])
+def _unpack_batch(batch: Any, counter: dict, max_skipped: int, epoch: int, step: int) -> tuple[Any, list[int]]:
+    """Strip the trailing dropped-sample count; returns (the fields, None for an empty batch; every rank's rows).
+
+    The samples every rank dropped are counted in ``counter['skipped']`` (one small all-gather of the row and drop
+    counts when distributed): each rank holds the global count, and all stop at ``max_skipped`` together.
+    """
+    dropped = 0 if batch is None else int(batch[-1])
+    fields = None if batch is None else (batch[:-1] or None)  # () when every sample of the batch was unreadable
+    counts = [0 if fields is None else len(fields[0])]
+    if get_world_size() > 1:
+        table = all_gather_cat(torch.tensor([[counts[0], dropped]], device=collective_device())).tolist()
+        counts, dropped = [rows for rows, _ in table], sum(lost for _, lost in table)  # (world,) rows, all lost
     if dropped:
         counter["skipped"] += dropped
         if 0 <= max_skipped < counter["skipped"]:
@@ -60,7 +67,7 @@ def _unpack_batch(batch: Any, counter: dict, max_skipped: int, epoch: int, step:
                 f"{counter['skipped']} unreadable samples dropped so far (epoch {epoch}, step {step}), "
                 f"more than max_skipped={max_skipped}; check the image paths in the annotation files"
             )
-    return batch[:-1] or None  # () when every sample of the batch was unreadable
+    return fields, counts
 
 
 def _total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -134,7 +141,7 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
     with tqdm(total=num_steps, initial=start_step, desc=f"epoch {epoch}", dynamic_ncols=True, mininterval=interval,
               disable=not is_main_process()) as bar:
         for i, batch in enumerate(loader, start=start_step):
-            batch, share = _agree_across_ranks(_unpack_batch(batch, counter, max_skipped, epoch, i), counter,
+            batch, share = _agree_across_ranks(*_unpack_batch(batch, counter, max_skipped, epoch, i), counter,
                                                epoch, i)
             if batch is not None:
                 done = i / num_steps if epoch_fraction is None else epoch_fraction(i)
@@ -157,21 +164,20 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
     return metrics.averages()
 
 
-def _agree_across_ranks(batch: Any, counter: dict, epoch: int, step: int) -> tuple[Any, float]:
+def _agree_across_ranks(batch: Any, counts: list[int], counter: dict, epoch: int,
+                        step: int) -> tuple[Any, float]:
     """Make every rank take the same decision on this step; returns (batch or None, this rank's loss weight).
 
-    Unreadable images leave ranks with different numbers of rows (one small all-gather of the counts per step).
-    A rank with none cannot run the step, and DDP needs every rank in the gradient all-reduce: when any rank's
-    batch is empty, every rank skips the step (counted in ``counter['empty_steps']``; the other ranks' rows of
-    that step are not trained on). Otherwise each rank's losses are means over its own rows and its gradient
-    is weighted by ``rows_r * world / sum(rows)`` (exactly 1.0 for full batches): after DDP's averaging, every
-    row of the global batch counts the same, as in one process with that batch.
+    Unreadable images leave ranks with different numbers of rows (``counts``, every rank's). A rank with none
+    cannot run the step, and DDP needs every rank in the gradient all-reduce: when any rank's batch is empty,
+    every rank skips the step (counted in ``counter['empty_steps']``; the other ranks' rows of that step are not
+    trained on). Otherwise each rank's losses are means over its own rows and its gradient is weighted by
+    ``rows_r * world / sum(rows)`` (exactly 1.0 for full batches): after DDP's averaging, every row of the global
+    batch counts the same, as in one process with that batch.
     """
-    world = get_world_size()
+    world = len(counts)
     if world == 1:
         return batch, 1.0
-    rows = 0 if batch is None else len(batch[0])
-    counts = all_gather_cat(torch.tensor([rows], device=collective_device())).tolist()  # (world,)
     if min(counts) == 0:
         counter["empty_steps"] = counter.get("empty_steps", 0) + 1
         if is_main_process():
@@ -179,7 +185,7 @@ def _agree_across_ranks(batch: Any, counter: dict, epoch: int, step: int) -> tup
                            "process skips this step (%d samples of the others unused)", epoch, step,
                            [r for r, c in enumerate(counts) if c == 0], sum(counts))
         return None, 1.0
-    return batch, rows * world / sum(counts)
+    return batch, counts[get_rank()] * world / sum(counts)
 
 
 def _all_finite(total: torch.Tensor) -> bool:
