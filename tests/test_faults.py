@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,7 +100,7 @@ def test_ranks_agree_on_short_and_empty_batches(uneven_run: str) -> None:
     saved = [torch.load(f"{uneven_run}.loop.{r}", weights_only=True) for r in range(2)]
     assert torch.equal(saved[0]["weight"], saved[1]["weight"])
     assert saved[0]["counter"]["empty_steps"] == saved[1]["counter"]["empty_steps"] == 1
-    assert saved[0]["counter"]["skipped"] == 4 and saved[1]["counter"]["skipped"] == 2
+    assert saved[0]["counter"]["skipped"] == saved[1]["counter"]["skipped"] == 6  # the global count on each rank
     xs = saved[0]["xs"]
     torch.manual_seed(0)
     single = torch.nn.Linear(3, 1, bias=False)  # one process, the global batch of each step
@@ -346,6 +348,34 @@ def test_command_line_mistakes_stop_in_one_line(world: str, tmp_path, caplog, mo
     assert not (tmp_path / "out").exists()
 
 
+def test_resume_without_a_checkpoint_yet_starts_from_the_given_weights(world: str, tmp_path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preemptible job passes --resume every time: its first start took no --checkpoint weights (silently)."""
+    import Pretrain
+    from models import checkpoint
+
+    class Loaded(Exception):
+        pass
+
+    def load_weights(model: torch.nn.Module, path: str) -> None:
+        raise Loaded(path)
+
+    monkeypatch.setattr(checkpoint, "load_weights", load_weights)
+    with pytest.raises(Loaded, match="init.pth"):
+        Pretrain.main(pretrain_argv(world, f"{world}/pretrain.json", str(tmp_path / "out"), "batch_size=4",
+                                    "--resume", "--checkpoint", str(tmp_path / "init.pth")))
+
+
+def test_retrieval_evaluate_refuses_resume(world: str, tmp_path, caplog) -> None:
+    import Retrieval
+    from engine.trainer import run_main
+
+    argv = ["--config", os.path.join(ROOT, "configs/toy/Retrieval.yaml"), "--output_dir", str(tmp_path / "out"),
+            "--device", "cpu", "--evaluate", "--resume"]
+    assert run_main(lambda: Retrieval.main(argv)) == 2
+    assert "Retrieval.py --evaluate does not take --resume" in one_error(caplog)
+
+
 @pytest.mark.parametrize("case", ["empty_file", "fewer_than_a_batch"])
 def test_too_little_data_ends_in_one_error_line(world: str, tmp_path, caplog, case: str) -> None:
     """An annotation file holding [] trained epochs of 0 steps and wrote checkpoints of an untrained model;
@@ -394,3 +424,72 @@ def test_validator_lists_every_problem_takes_overrides_and_infers_the_task(world
     assert validate(["--config", str(config), "--task", "pretrain"]) == 1
     error = one_error(caplog)
     assert "YAML syntax error" in error and "\n" not in error
+
+
+# ------------------------------------------------------------------ 1+2 under torchrun: gloo, two processes
+def torchrun(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 SCRIPT ARGS`` on CPU (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           script, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def corrupt_image(tmp_path) -> str:
+    path = tmp_path / "corrupt.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return str(path)
+
+
+def test_pretraining_resumed_on_two_processes_with_unreadable_images(world: str, interrupted: tuple,
+                                                                     tmp_path) -> None:
+    """The single-process checkpoint after 16 samples (4 steps of 4) resumed by 2 processes x 4: the rest of
+    the epoch is 3 global steps of the same order (rank r takes every other sample). Item order[17] (rank 1,
+    first step) is unreadable: rank 1 has 3 rows, the queues take all 7. Items order[24, 26, 28, 30] (rank 0's
+    whole second batch) are unreadable: both processes skip that step. Before: gloo aborted on the uneven
+    gather, or rank 1 waited forever in DDP's all-reduce; and the resume needed the same batch layout."""
+    _, checkpoint, _ = interrupted
+    sampler = ResumableSampler(40, True, 42, batch_size=4)  # epoch 0's order: it depends on the data size and seed
+    order = sampler.full_order()
+    bad = dict.fromkeys([order[17], order[24], order[26], order[28], order[30]], corrupt_image(tmp_path))
+    ann = numbered(world, str(tmp_path / "ann.json"), bad=bad)
+    out = tmp_path / "out"
+    result = torchrun(os.path.join("tests", "ddp_probe.py"),
+                      [str(tmp_path / "rec"), *pretrain_argv(world, ann, str(out), "batch_size=4", "--resume",
+                                                             checkpoint)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rec.rank{r}.pt", weights_only=True) for r in range(2)]
+    items = [[[int(c.split()[-1]) for c in step["captions"]] for step in rank] for rank in ranks]
+    assert items[0] == [order[16:24:2], order[32:40:2]]  # the second step skipped by both
+    assert items[1] == [order[19:24:2], order[33:40:2]]  # order[17] unreadable
+    for step, ptr in enumerate((23, 31)):  # 16 + 7, then + 8
+        for key in ("image_queue", "text_queue", "queue_ptr"):
+            assert torch.equal(ranks[0][step][key], ranks[1][step][key]), (step, key)
+        assert ranks[0][step]["queue_ptr"].item() == ptr
+    assert [s["alpha"] for s in ranks[0]] == pytest.approx([0.4 * 16 / 40, 0.4 * 32 / 40])
+    log = json.loads((out / "log.txt").read_text())
+    assert log["skipped_images"] == 5
+    assert torch.load(out / "checkpoint_00.pth", weights_only=False)["model"]["queue_ptr"].item() == 31
+
+
+def test_fine_tuning_on_two_processes_with_an_unreadable_image(world: str, tmp_path) -> None:
+    """16 captions, 2 processes x 4: rank 1's first batch loses one caption's image; the image, text and id
+    queues take the 15 readable rows on both ranks, and evaluation follows."""
+    items = json.load(open(os.path.join(world, "retrieval_train.json")))[:16]
+    order = ResumableSampler(16, True, 42, world_size=2, batch_size=4).full_order()
+    items[order[1]]["image"] = corrupt_image(tmp_path)  # rank 1 takes order[1, 3, 5, 7] first
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps(items))
+    out = tmp_path / "out"
+    args = ["--config", os.path.join(ROOT, "configs/toy/Retrieval.yaml"), "--output_dir", str(out), "--device",
+            "cpu", "--override", f"toy_world={world}", f"train_file=[{ann}]", f"image_root={world}",
+            f"val_file={world}/retrieval_val.json", f"test_file={world}/retrieval_test.json", *TINY[:5],
+            "queue_size=48", "k_test=2", "num_workers=0", "batch_size_train=4", "batch_size_test=4",
+            "schedular.epochs=1", "randaug=false"]
+    result = torchrun("Retrieval.py", args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = json.loads((out / "log.txt").read_text())
+    assert log["skipped_images"] == 1 and "val_r_mean" in log
+    state = torch.load(out / "checkpoint_00.pth", weights_only=False)["model"]
+    assert state["queue_ptr"].item() == 15
+    assert int((state["idx_queue"] != -100).sum()) == 15
+    assert json.loads((out / "result" / "retrieval_metrics.json").read_text())["test"]["r_mean"] >= 0
