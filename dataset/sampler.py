@@ -22,7 +22,8 @@ def global_batch_problem(num_items: int, batch_size: int, world_size: int) -> st
     global_batch = batch_size * world_size
     if num_items < global_batch:
         return (f"{num_items} samples, fewer than one global batch (batch size {batch_size} x {world_size} "
-                f"process(es) = {global_batch}): training would run zero steps")
+                f"process(es) = {global_batch}): training would run zero steps; lower the batch size "
+                f"(batch_size or batch_size_train) or add data")
     return None
 
 
