@@ -562,7 +562,9 @@ def test_gradcam_benchmark_section_rows(tmp_path: Path) -> None:
     for row in rows:
         assert len(row["steps_s"]) == 2 and row["s_per_batch"] == pytest.approx(statistics.median(row["steps_s"]))
         assert row["maps_per_s"] == pytest.approx(2 / row["s_per_batch"])
-        assert row["maps_per_cpu_s"] == pytest.approx(2 / row["cpu_s_per_batch"])
+        assert row["cpu_maps_per_s"] == pytest.approx(2 / row["cpu_s_per_batch"])
         assert min(row["rank_ms"], row["peak_mb"], row["cpu_s_per_batch"]) > 0
+    header = benchmark.format_table("gradcam", rows).splitlines()[1].split()
+    assert header[-3:] == ["rank_ms", "cpu_s_per_batch", "cpu_maps_per_s"] and "steps_s" not in header
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--gradcam-modes", "itm,gradient"])

@@ -10,7 +10,7 @@ grid, + BERT-base; tiny = the toy grounding model, 64 px, an 8 x 8 grid); the ba
 ``--batch-tiny`` (``Grounding.py`` evaluates with its ``batch_size``, 32 in the official config).
 
 On CPU the rows add the process CPU seconds per batch (``cpu_s_per_batch``, all threads) and
-``maps_per_cpu_s``. ``rank_ms`` (CPU milliseconds) is the proposal ranking that follows each map on the CPU
+``cpu_maps_per_s``. ``rank_ms`` (CPU milliseconds) is the proposal ranking that follows each map on the CPU
 (``dataset.grounding_eval``: bicubic upsampling to a 640 x 480 image, :data:`RANK_BOXES` boxes scored):
 evaluation time per expression is about ``1 / maps_per_s + rank_ms / 1000``.
 """
@@ -108,7 +108,7 @@ def bench_gradcam_size(size: str, mode: str, args: argparse.Namespace, device: t
                 "steps_s": wall}
     if device.type == "cpu":  # process CPU seconds: steadier than the wall time on a shared machine
         row["cpu_s_per_batch"] = statistics.median(cpu)
-        row["maps_per_cpu_s"] = batch / row["cpu_s_per_batch"]
+        row["cpu_maps_per_s"] = batch / row["cpu_s_per_batch"]
     return row
 
 
