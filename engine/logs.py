@@ -156,8 +156,10 @@ def command_line(args: Any) -> str:
     script = getattr(args, "script", None) or sys.argv[0]
     argv = getattr(args, "argv", None)
     argv = sys.argv[1:] if argv is None else argv
-    nproc = os.environ.get("LOCAL_WORLD_SIZE") if get_world_size() > 1 else None
+    nproc = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) if get_world_size() > 1 else 0
     launcher = ["torchrun", f"--nproc_per_node={nproc}"] if nproc else ["python"]
+    if nproc and get_world_size() > nproc:  # several nodes: each node runs this with its own --node_rank
+        launcher.append(f"--nnodes={get_world_size() // nproc}")
     return shlex.join([*launcher, script, *argv])
 
 

@@ -142,6 +142,16 @@ def test_run_main_exit_codes_and_one_line(tmp_path, caplog) -> None:
     assert len(lines) == 1 and "stopped by SIGINT" in lines[0] and "Traceback" not in caplog.text
 
 
+def test_the_resume_command_repeats_the_run_with_resume(monkeypatch) -> None:
+    args = argparse.Namespace(script="Pretrain.py", argv=["--config", "c.yaml", "--resume", "old.pth", "--override",
+                                                          "vit={depth: 2}", "--seed", "3"])
+    assert logs.resume_command(args) == "python Pretrain.py --config c.yaml --override 'vit={depth: 2}' --seed 3 " \
+                                        "--resume"
+    monkeypatch.setattr(logs, "get_world_size", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert logs.resume_command(args).startswith("torchrun --nproc_per_node=8 --nnodes=2 Pretrain.py --config")
+
+
 def test_second_signal_during_a_checkpoint_write_leaves_the_previous_one(reference: str, tmp_path,
                                                                          monkeypatch) -> None:
     """The first SIGTERM asks for a stop; the second lands inside ``torch.save`` of the stop checkpoint: the run
