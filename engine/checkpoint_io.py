@@ -12,17 +12,13 @@ import re
 import torch
 
 from engine.distributed import is_main_process
-from models.checkpoint import LINK_MAGIC, follow_checkpoint_link
+from models.checkpoint import LINK_MAGIC, CheckpointError, follow_checkpoint_link  # one error for files and weights
 
 logger = logging.getLogger(__name__)
 
 _CKPT_RE = re.compile(r"^checkpoint_(\d+)(?:_(\d+))?\.pth$")
 REQUIRED_CHECKPOINT_KEYS = ("model", "epoch")
 BEST_NAME = "checkpoint_best.pth"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable or incomplete."""
 
 
 def checkpoint_name(epoch: int, step: int | None = None) -> str:

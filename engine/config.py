@@ -37,6 +37,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "grad_clip": 0.0,  # max gradient norm (0: no clipping)
     "nonfinite": "stop",  # on a NaN/inf loss: 'stop' or 'skip' the step
     "log_every": 50,  # progress-bar refresh, iterations
+    "allow_partial": False,  # load a --checkpoint with suspicious missing/unexpected keys (else: stop, naming them)
 }
 
 
@@ -283,6 +284,9 @@ def get_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                    help="continue a run: alone = the newest checkpoint in output_dir, or a checkpoint path")
     p.add_argument("--evaluate", action="store_true", help="only evaluate the --checkpoint weights")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="load a --checkpoint even when keys beyond the expected ones are missing or unexpected (they "
+                        "keep their initialisation); without it such a checkpoint stops the run, naming the keys")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=42, help="random seed (each process adds its rank)")
     p.add_argument("--text_encoder", default="bert-base-uncased",

@@ -39,6 +39,7 @@ from engine.logs import (
     MetricAccumulator,
     append_jsonl,
     count_parameters,
+    git_commit,
     log_run_info,
     peak_memory_mb,
     resume_command,
@@ -64,6 +65,9 @@ def setup_run(args: argparse.Namespace, defaults: dict,
     init_distributed_mode(args)
     config = load_config(args.config, defaults, args.override)
     checks.check_config(config, args.config + (" with --override" if args.override else ""), hooks)
+    from models.checkpoint import set_allow_partial  # --checkpoint loads stop on suspicious keys unless allowed
+
+    set_allow_partial(bool(getattr(args, "allow_partial", False) or config.get("allow_partial", False)))
     run_state.check_output_dir_use(args)
     _check_output_dir(args.output_dir)
     setup_logging(args.output_dir, get_rank())
@@ -177,7 +181,14 @@ def _resume(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, sc
         state, path = load_checkpoint_file(args.resume), args.resume
     if config is not None:
         run_state.check_resume_config(state.get("config"), config, path)
-    model.load_state_dict(state["model"])
+    lacking = [k for k in ("model", "optimizer", "lr_scheduler", "epoch") if k not in state]
+    if lacking:
+        raise CheckpointError(f"cannot resume from {path}: it holds no {', '.join(map(repr, lacking))} (keys: "
+                              f"{', '.join(map(str, list(state)[:8])) or 'none'}); start a new run from its weights "
+                              "with --checkpoint instead")
+    from models.checkpoint import load_exact
+
+    load_exact(model, state["model"], path)  # another model size or task: one line naming the tensors
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state.get("scaler"):
@@ -204,10 +215,13 @@ def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, ar
     """
     from dataset.sampler import plan_epoch
     from models.checkpoint import load_weights
+    from models.checkpoint_info import checkpoint_meta
     from optim import create_optimizer
     from scheduler import create_scheduler
 
     model.to(device)
+    meta = checkpoint_meta(model, config, getattr(args, "script", None), getattr(args, "text_encoder", ""),
+                           git_commit())  # task, sizes, preprocessing: a checkpoint alone rebuilds the model
     optimizer = create_optimizer(config["optimizer"], model)
     scheduler = create_scheduler(config["schedular"], optimizer)
     use_fp16 = config["amp"] == "fp16" and device.type == "cuda"
@@ -238,7 +252,8 @@ def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, ar
         extra["skipped"] = counter["skipped"]
         extra["metrics"] = None if step is None else metrics.state_dict()
         extra["train_seconds"] = None if step is None else clock["before"] + time.perf_counter() - clock["start"]
-        state = _training_state(model, optimizer, scheduler, scaler, config, epoch, step, {"extra": extra})
+        state = _training_state(model, optimizer, scheduler, scaler, config, epoch, step,
+                                {"extra": extra, "meta": meta})
         path = save_checkpoint(state, args.output_dir, checkpoint_name(epoch, step), config["keep_last"])
         barrier()  # no rank moves on (or exits after a stop) while rank 0 is still writing
         return path

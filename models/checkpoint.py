@@ -8,23 +8,46 @@ reported as "expected" (queues, MLM head, ``position_ids``) or "suspicious".
 
 A text encoder whose fusion layers the model has doubled (NLVR2: 12 layers -> 18) receives each fusion layer
 of the checkpoint in both blocks of its pair. Entries matching a model's ``unused_checkpoint_keys`` pattern
-(e.g. the contrastive heads of a pre-training checkpoint loaded into a classifier) are dropped, counted.
+(e.g. the contrastive heads of a pre-training checkpoint loaded into a classifier) are dropped, counted, and so
+are momentum weights (``*_m``) of twins the model does not build (``distill: false``, inference).
+
+Nothing is loaded, and one :class:`CheckpointError` line says why, when: the file is not a checkpoint (text,
+truncated, empty, a pickled list, a dict that holds neither ``model`` nor tensors); tensors differ in shape
+(another model size or another task: the keys and both shapes are named); the checkpoint matches none of the
+model's weights; or keys are missing or unexpected beyond the expected ones, unless ``allow_partial``
+(``--allow_partial`` / ``allow_partial: true``: the process default, :func:`set_allow_partial`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from models.checkpoint_info import describe_keys, mismatch_message, partial_message, shape_mismatches
 from models.vit import interpolate_pos_embed
 
 logger = logging.getLogger(__name__)
 
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read, or its weights do not fit the model (one line, naming file and keys)."""
+
+
+_ALLOW_PARTIAL = {"default": False}
+
+
+def set_allow_partial(allow: bool) -> None:
+    """Process default of ``load_weights(allow_partial=None)`` (``--allow_partial``, ``allow_partial: true``)."""
+    _ALLOW_PARTIAL["default"] = bool(allow)
+
+
+_NOT_WEIGHTS = re.compile(r"(^|\.)(image_queue|text_queue|idx_queue|queue_ptr|position_ids)$")
 _EXPECTED = re.compile(r"(^|\.)(image_queue|text_queue|idx_queue|queue_ptr|position_ids)$|^text_encoder(_m)?\.cls\.")
 
 
@@ -68,6 +91,7 @@ class LoadReport:
     momentum_initialised: list[str] = field(default_factory=list)
     momentum_kept: list[str] = field(default_factory=list)  # absent, left as initialised (init_momentum=False)
     fresh_heads: list[str] = field(default_factory=list)  # a model's ``task_head_keys`` absent from the checkpoint
+    loaded: int = 0  # model weights found in the checkpoint (queues and ``position_ids`` not counted)
 
     @property
     def suspicious(self) -> list[str]:
@@ -95,24 +119,48 @@ def follow_checkpoint_link(path: str) -> str:
     return target
 
 
+def _why_unreadable(exc: BaseException) -> str:
+    """One line on why ``torch.load`` failed (its messages span many lines)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, EOFError) or "central directory" in text or "unexpected EOF" in text:
+        return f"the file is truncated or corrupt ({text[:160]})"
+    if isinstance(exc, pickle.UnpicklingError) or "invalid load key" in text or "Invalid magic number" in text:
+        return f"not a PyTorch checkpoint ({text[:160]})"
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _load_file(path: str) -> object:
+    """``torch.load`` on the CPU, tensors only first; official files also pickle their config / argparse values."""
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(e)}") from None
+
+
 def read_state_dict(path: str) -> tuple[dict[str, Tensor], dict]:
     """Read a checkpoint file (or the one a pointer file names) -> (model state dict, the whole checkpoint
-    dict or {})."""
+    dict or {}). ``{'model': state dict, ...}`` and raw state dicts are accepted.
+
+    Raises ``FileNotFoundError`` (no file) or :class:`CheckpointError` (one line: empty, truncated, not a
+    checkpoint, not a dict, a dict with neither ``model`` nor tensors).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     path = follow_checkpoint_link(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # official files also pickle their config / argparse values
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    ckpt = _load_file(path)
     if not isinstance(ckpt, dict):
-        raise RuntimeError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict or "
+                              "{'model': state dict}")
     state = ckpt.get("model", ckpt)
-    if not all(isinstance(v, Tensor) for v in state.values()):
-        raise RuntimeError(f"checkpoint {path}: 'model' is not a state dict of tensors")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        what = "its 'model' entry is not a state dict of tensors" if "model" in ckpt else (
+            f"it has no 'model' entry and is not a state dict (keys: {', '.join(map(str, list(ckpt)[:8])) or 'none'})")
+        raise CheckpointError(f"checkpoint {path}: {what}")
     return dict(state), (ckpt if "model" in ckpt else {})
 
 
@@ -121,10 +169,17 @@ def adapt_state_dict(state: dict[str, Tensor], model: nn.Module) -> dict[str, Te
     target = model.state_dict()
     state = _decoder_from_encoder(state, model, target)
     out: dict[str, Tensor] = {}
+    children = dict(model.named_children())
+    twins_dropped = []
     for key, value in state.items():
         key = key.removeprefix("module.")
         key = _match_bert_prefix(key, target)
-        if key.endswith("pos_embed") and key in target and value.shape != target[key].shape:
+        top = key.split(".", 1)[0]
+        if key not in target and top.endswith("_m") and top not in children and top[:-2] in children:
+            twins_dropped.append(key)  # a momentum twin this model does not build (distill off, inference)
+            continue
+        if key.endswith("pos_embed") and key in target and value.shape != target[key].shape \
+                and value.dim() == 3 and value.shape[-1] == target[key].shape[-1]:  # another grid, same width
             vit = model.get_submodule(key.rsplit(".", 1)[0])
             value = interpolate_pos_embed(value, vit.patch_embed.num_patches, vit.num_prefix_tokens)
         if key.endswith("_queue") and key in target and value.shape != target[key].shape:
@@ -134,6 +189,9 @@ def adapt_state_dict(state: dict[str, Tensor], model: nn.Module) -> dict[str, Te
         out[key] = value
     if "queue_ptr" in out and not all(k in out for k in ("image_queue", "text_queue")):
         del out["queue_ptr"]  # a pointer into a queue that was not loaded means nothing
+    if twins_dropped:
+        logger.info("%d momentum (*_m) entries dropped: the model has no momentum twins (%s)", len(twins_dropped),
+                    ", ".join(sorted({k.split(".", 1)[0] for k in twins_dropped})))
     unused = getattr(model, "unused_checkpoint_keys", None)
     if unused is not None:
         dropped = [k for k in out if unused.search(k) and k not in target]
@@ -209,24 +267,71 @@ def _match_bert_prefix(key: str, target: dict) -> str:
     return key
 
 
-def load_weights(model: nn.Module, source: str | dict[str, Tensor], strict: bool = False,
-                 init_momentum: bool = True) -> LoadReport:
-    """Load a checkpoint path or state dict into ``model``; returns (and logs) the report.
+def load_weights(model: nn.Module, source: str | dict, strict: bool = False, init_momentum: bool = True,
+                 allow_partial: bool | None = None, name: str | None = None) -> LoadReport:
+    """Load a checkpoint path, a checkpoint dict ``{'model': state dict, ...}`` (read once by the caller) or a
+    state dict into ``model``; returns (and logs) the report. ``name`` labels the source in messages.
 
     ``init_momentum=False`` leaves momentum twins that the checkpoint lacks as they are (official NLVR.py
     copies the online weights into them before loading, so they keep the random initialisation).
+    ``allow_partial``: load even with suspicious missing or unexpected keys (a warning names them); ``None``
+    takes the process default (:func:`set_allow_partial`, off unless ``--allow_partial``).
+
+    Raises :class:`CheckpointError` (one line; nothing is loaded) when the file is not a checkpoint, when
+    tensors differ in shape (another model size or task: the keys and both shapes are named), when the
+    checkpoint matches none of the model's weights, or on suspicious keys without ``allow_partial``.
     """
-    state = read_state_dict(source)[0] if isinstance(source, str) else source
-    state = adapt_state_dict(state, model)
-    result = model.load_state_dict(state, strict=strict)
-    report = LoadReport(list(result.missing_keys), list(result.unexpected_keys))
-    _init_missing_momentum(model, report, copy=init_momentum)
+    name = name or (source if isinstance(source, str) else "the state dict")
+    if isinstance(source, str):
+        state, ckpt = read_state_dict(source)
+    elif isinstance(source.get("model"), dict):  # a whole checkpoint (no tensor is called 'model')
+        state, ckpt = dict(source["model"]), source
+    else:
+        state, ckpt = source, {}
+    adapted = adapt_state_dict(state, model)
+    target = model.state_dict()
+    mismatched = shape_mismatches(adapted, target)
+    if mismatched:
+        raise CheckpointError(mismatch_message(name, mismatched, model, state, ckpt))
+    report = plan_load(model, adapted, target, init_momentum)
+    if report.loaded == 0:
+        raise CheckpointError(f"{name} matches none of the weights of {type(model).__name__} (checkpoint keys: "
+                              f"{describe_keys(list(state))}): is it an ALBEF checkpoint?")
+    partial = _ALLOW_PARTIAL["default"] if allow_partial is None else allow_partial
+    if report.suspicious and not partial:
+        raise CheckpointError(partial_message(name, report, model, state, ckpt))
+    model.load_state_dict(adapted, strict=strict)
+    if report.momentum_initialised:
+        model.copy_to_momentum([n.removesuffix("_m") for n in report.momentum_initialised])
+    _log_report(report, name, len(adapted))
+    return report
+
+
+def plan_load(model: nn.Module, state: dict[str, Tensor], target: dict[str, Tensor],
+              init_momentum: bool = True) -> LoadReport:
+    """What loading the adapted ``state`` into ``model`` (state dict ``target``) would do, without doing it."""
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    report = LoadReport(missing, unexpected, loaded=sum(k in target and not _NOT_WEIGHTS.search(k) for k in state))
+    pairs = getattr(model, "momentum_pairs", [])
+    names = [name for name, name_m in pairs if any(k.startswith(name_m + ".") for k in missing)]
+    if names:
+        twins = [n + "_m" for n in names]
+        if init_momentum:
+            report.momentum_initialised = twins
+        else:
+            report.momentum_kept = twins
+        prefixes = tuple(n + "_m." for n in names)
+        report.missing = [k for k in report.missing if not k.startswith(prefixes)]
     heads = getattr(model, "task_head_keys", None)  # a task's new head: absent from pre-training checkpoints
     if heads is not None:
         report.fresh_heads = [k for k in report.missing if heads.search(k)]
         report.missing = [k for k in report.missing if k not in report.fresh_heads]
-    name = source if isinstance(source, str) else "state dict"
-    logger.info("loaded %s: %d tensors, %d missing, %d unexpected", name, len(state),
+    return report
+
+
+def _log_report(report: LoadReport, name: str, tensors: int) -> None:
+    logger.info("loaded %s: %d tensors, %d missing, %d unexpected", name, tensors,
                 len(report.missing), len(report.unexpected))
     if report.momentum_initialised:
         logger.info("momentum weights absent from the checkpoint were initialised from the online weights "
@@ -238,22 +343,23 @@ def load_weights(model: nn.Module, source: str | dict[str, Tensor], strict: bool
         logger.info("task head weights absent from the checkpoint keep their initialisation (%s)",
                     ", ".join(report.fresh_heads))
     if report.suspicious:
-        logger.warning("suspicious missing/unexpected keys: %s", report.suspicious[:20])
-    return report
+        logger.warning("allow_partial: suspicious keys left as initialised or unused: %s",
+                       describe_keys(report.suspicious))
 
 
-def _init_missing_momentum(model: nn.Module, report: LoadReport, copy: bool = True) -> None:
-    pairs = getattr(model, "momentum_pairs", [])
-    missing = set(report.missing)
-    names = [name for name, name_m in pairs if any(k.startswith(name_m + ".") for k in missing)]
-    if names:
-        if copy:
-            model.copy_to_momentum(names)
-            report.momentum_initialised = [n + "_m" for n in names]
-        else:
-            report.momentum_kept = [n + "_m" for n in names]
-        prefixes = tuple(n + "_m." for n in names)
-        report.missing = [k for k in report.missing if not k.startswith(prefixes)]
+def load_exact(model: nn.Module, state: dict[str, Tensor], name: str) -> None:
+    """Load a state dict saved from this very model (``--resume``): every key, every shape, else one
+    :class:`CheckpointError` line naming what differs (another model size or task)."""
+    target = model.state_dict()
+    mismatched = shape_mismatches(state, target)
+    if mismatched:
+        raise CheckpointError(mismatch_message(name, mismatched, model, state, {}))
+    missing, unexpected = [k for k in target if k not in state], [k for k in state if k not in target]
+    if missing or unexpected:
+        raise CheckpointError(f"{name} is not a checkpoint of {type(model).__name__}: "
+                              + "; ".join(f"{what}: {describe_keys(keys)}" for what, keys in
+                                          (("missing", missing), ("unexpected", unexpected)) if keys))
+    model.load_state_dict(state, strict=True)
 
 
 def load_vit_init(model: nn.Module, path: str) -> None:
