@@ -12,7 +12,9 @@ Sections (``--only``; each is a module of ``scripts/bench/`` whose docstring say
 - ``pretrain_step``: a full pre-training step (forward + backward + AdamW, momentum update) of OUR
   ``ALBEFPretrain`` against the official algorithm (``scripts/reference_step.py``) on the same model,
   interleaved step by step; medians, ratio, phases, peak memory, the image-encoder floor.
-- ``data_pipeline``: decode + pre-training augmentation in one process, per source JPEG size.
+- ``data_pipeline``: decode + pre-training augmentation in one process, per source JPEG size; the
+  pre-training loader's images/s from JSON + image files against WebDataset shards of the same images; one
+  rank's dataset memory for a ``--memory-items`` JSON against shards.
 - ``retrieval_eval``: ITM pairs reranked per second, batched evaluator against the official per-query loop,
   and whether their rankings are identical.
 - ``retrieval_step``: a retrieval fine-tuning step (``ALBEFRetrieval``).
@@ -86,8 +88,11 @@ JSON_ONLY = ("_min_s", "_cpu_s", "_process_peak_mb")
 
 
 def format_table(name: str, rows: list[Row]) -> str:
-    """A plain-text table of the scalar fields of ``rows`` (lists and :data:`JSON_ONLY` go to the JSON)."""
-    columns = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict)) and not k.endswith(JSON_ONLY)]
+    """A plain-text table of the scalar fields of ``rows`` (lists and :data:`JSON_ONLY` go to the JSON); the
+    columns are every row's fields in order of first appearance, blank where a row lacks one."""
+    fields = {k: v for row in reversed(rows) for k, v in row.items()}  # a value of each field
+    columns = [k for k in dict.fromkeys(k for row in rows for k in row)
+               if not isinstance(fields[k], (list, dict)) and not k.endswith(JSON_ONLY)]
     cells = [columns] + [[_fmt(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]

@@ -97,13 +97,25 @@ def test_pretrain_step_section_rows(tmp_path) -> None:
     assert row["floor_ratio"] == pytest.approx(row["vit_floor_s"] / row["ref_s"])
 
 
-def test_data_pipeline_rows_per_source_and_shrunk_copy(tmp_path) -> None:
+def test_data_pipeline_rows_per_source_and_shrunk_copy(tmp_path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench.json"
     argv = "--only data_pipeline --images 2 --source-sizes 64x48,200x160 --short-side 100 --data-res 32".split()
+    argv += "--loader-images 8 --loader-batch 4 --loader-workers 0 --memory-items 25000".split()
     assert benchmark.main([*argv, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]["data_pipeline"]
-    assert [r["source"] for r in rows] == ["64x48 JPEG", "200x160 JPEG", "200x160 JPEG shrunk to 125x100"]
-    assert all(r["images_per_s"] > 0 and r["decode_ms"] > 0 and r["images"] == 2 for r in rows)
+    assert [(r["measure"], r["source"]) for r in rows] == [
+        ("decode+augment", "64x48 JPEG"), ("decode+augment", "200x160 JPEG"),
+        ("decode+augment", "200x160 JPEG shrunk to 125x100"), ("loader", "64x48 JPEG files + JSON"),
+        ("loader", "64x48 JPEG in 8 shards"), ("dataset memory", "JSON annotation file"),
+        ("dataset memory", "3 shards + manifest")]
+    assert all(r["images_per_s"] > 0 and r["decode_ms"] > 0 and r["images"] == 2 for r in rows[:3])
+    assert all(r["images_per_s"] > 0 and r["images"] == 8 and r["workers"] == 0 for r in rows[3:5])
+    json_rss, shard_rss = (r["rss_mb"] for r in rows[5:])
+    assert all(r["items"] == 25000 and r["rss_mb_at_14M"] == pytest.approx(r["rss_mb"] * 560) for r in rows[5:])
+    assert json_rss > 3 and shard_rss < 1  # 25,000 items: several MiB of dicts; shards: 3 names and counts
+    table = capsys.readouterr().out.split("== data_pipeline\n")[1].splitlines()
+    assert table[0].split()[:3] == ["measure", "source", "transform"] and "rss_mb" in table[0]
+    assert len(table) == 2 + len(rows)  # header, rule, a line per row (blank cells where a row lacks a field)
 
 
 def test_source_sizes_are_checked() -> None:
