@@ -452,10 +452,6 @@ def test_visualize_a_vqa_checkpoint_explains_its_answer(world: Path, tmp_path: P
         visualize.main([*common, "--output_dir", str(tmp_path / "c")])
     with pytest.raises(ValueError, match="no contrastive projections"):
         visualize.main([*common, "--answer", "red", "--gradcam_mode", "itc", "--output_dir", str(tmp_path / "d")])
-    result = subprocess.run([sys.executable, "scripts/visualize.py", *common, "--output_dir", str(tmp_path / "e")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    last = result.stderr.strip().splitlines()[-1]  # after the checkpoint's load line: one error line, no traceback
-    assert result.returncode == 2 and "ERROR" in last and "needs --answer" in last and "Traceback" not in result.stderr
 
 
 # ----------------------------------------------------------------------------- Grounding.py
