@@ -76,6 +76,10 @@ def setup_run(args: argparse.Namespace, defaults: dict,
         device = torch.device("cuda", args.gpu)
     log_run_info(args, device, logger)
     run_state.startup_warnings(args, config)
+    if args.evaluate and args.checkpoint:  # evaluate at the checkpoint's own resolution and sizes (its metadata)
+        from models.checkpoint_info import adopt_checkpoint_sizes
+
+        config = adopt_checkpoint_sizes(config, args.checkpoint, args.override, args.output_dir)
     if _uses_toy_world(config):
         if is_main_process() and not os.path.isfile(os.path.join(config["toy_world"], "manifest.json")):
             from dataset.toy_world import ensure_toy_world

@@ -12,6 +12,8 @@ are then taken as width / 64, true of every released ALBEF model).
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import re
 from typing import Any
@@ -22,6 +24,8 @@ from torch import Tensor, nn
 from dataset.transforms import CLIP_MEAN, CLIP_STD
 from models.albef import ALBEFConfig
 from models.bert import BertConfig
+
+logger = logging.getLogger(__name__)
 
 PROJECT_VERSION = "0.1.0"
 META_FORMAT = 1
@@ -245,3 +249,45 @@ def partial_message(name: str, report: Any, model: nn.Module, state: dict[str, T
                       (("missing:", missing), ("unexpected:", unexpected)) if keys)
     return (f"{name} does not match the model ({found}); {_origin(model, state, ckpt)}. Nothing was loaded: pass "
             "--allow_partial (or allow_partial: true) to load the matching weights and keep the rest as initialised")
+
+
+# ----------------------------------------------------------------------------- evaluation at the checkpoint's sizes
+def adopt_checkpoint_sizes(config: dict, checkpoint: str, overrides: list[str], folder: str) -> dict:
+    """``config`` with the checkpoint's own model sizes and resolution, where its metadata says (``--evaluate``).
+
+    ``image_res``, ``vision_width``, ``vit``, ``embed_dim``, ``decoder_layers`` and the BERT config (written to
+    ``folder/checkpoint_bert_config.json``) follow the checkpoint unless ``overrides`` set them; a checkpoint
+    without metadata (released files) leaves the config as it is. Each change is logged.
+    """
+    from models.checkpoint import follow_checkpoint_link
+
+    meta, _ = read_meta(follow_checkpoint_link(checkpoint)) if os.path.isfile(checkpoint) else ({}, {})
+    if not meta.get("bert"):
+        return config
+    given = {o.split("=", 1)[0].strip().split(".")[0] for o in overrides}
+    vit = meta.get("vit", {})
+    wanted = {"image_res": meta.get("image_res"), "vision_width": vit.get("width"), "embed_dim": meta.get("embed_dim"),
+              "vit": {"patch_size": vit.get("patch_size"), "depth": vit.get("depth"), "heads": vit.get("heads")}}
+    out, changed = dict(config), []
+    for key, value in wanted.items():
+        if key in config and key not in given and value is not None and config[key] != value:
+            out[key] = value if key != "vit" else {**config[key], **value}
+            changed.append(f"{key} {config[key]} -> {out[key]}")
+    bert = BertConfig(**meta["bert"])
+    if "bert_config" in config and "bert_config" not in given and _bert_from_config(config) != bert:
+        path = os.path.join(folder, "checkpoint_bert_config.json")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta["bert"], f, indent=2)
+        os.replace(tmp, path)
+        out["bert_config"] = path
+        changed.append(f"bert_config {config['bert_config']} -> {path}")
+    layers = meta.get("decoder_layers")
+    current = config.get("decoder_layers") or bert.num_hidden_layers - bert.fusion_layer
+    if "decoder_layers" in config and "decoder_layers" not in given and layers and current != layers:
+        out["decoder_layers"] = layers
+        changed.append(f"decoder_layers {config['decoder_layers']} -> {layers}")
+    if changed:
+        logger.info("evaluating %s at its own sizes (its metadata): %s; --override KEY=VALUE keeps the config's",
+                    checkpoint, "; ".join(changed))
+    return out

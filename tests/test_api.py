@@ -320,6 +320,13 @@ def test_round_trip_retrieval(world: str, spread_pretrain: str, tmp_path) -> Non
     metrics = ev.recall_metrics(ranking(i2t), ranking(t2i), txt2img)
     assert metrics == {k: results["test"][k] for k in metrics}
     assert 0 < metrics["r_mean"] < 100
+    # --evaluate without image_res=32: the checkpoint's own resolution (its metadata), not the config's 64
+    argv = script_argv(world, "Retrieval.yaml", str(tmp_path / "eval"), "--evaluate", "--checkpoint",
+                       os.path.join(out, "checkpoint_best.pth"), overrides=(
+                           f"val_file={world}/retrieval_val.json", f"test_file={world}/retrieval_test.json",
+                           f"image_root={world}", "k_test=4"))
+    evaluated = Retrieval.main([a for a in argv if a != "image_res=32"])
+    assert evaluated["test"] == results["test"]
 
 
 def test_round_trip_snli_ve_and_nlvr2(world: str, spread_pretrain: str, tmp_path) -> None:

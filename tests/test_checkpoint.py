@@ -17,7 +17,7 @@ from conftest import tiny_albef, tiny_bert
 from models.albef import ALBEFConfig
 from models.bert import BertConfig
 from models.checkpoint import CheckpointError, load_weights, read_state_dict, set_allow_partial
-from models.checkpoint_info import architecture, checkpoint_meta, guess_task, read_meta
+from models.checkpoint_info import adopt_checkpoint_sizes, architecture, checkpoint_meta, guess_task, read_meta
 from models.model_nlvr import ALBEFNLVR
 from models.model_pretrain import ALBEFPretrain
 from models.model_retrieval import ALBEFRetrieval
@@ -286,3 +286,22 @@ def test_allow_partial_flag_and_config_key(world: str, tmp_path, caplog: pytest.
     ckpt = torch.load(tmp_path / "partial" / "checkpoint_00.pth", weights_only=True)
     assert ckpt["meta"]["task"] == "pretrain" and ckpt["meta"]["image_res"] == 32
     set_allow_partial(False)
+
+
+def test_evaluation_adopts_the_checkpoint_s_own_sizes_unless_overridden(tmp_path) -> None:
+    import Retrieval
+    from engine.config import load_config
+
+    config = load_config(os.path.join(ROOT, "configs", "toy", "Retrieval.yaml"), Retrieval.DEFAULTS, ["toy_world=''"])
+    model = ALBEFRetrieval(tiny_albef(image_res=48))
+    path = str(tmp_path / "c.pth")
+    torch.save({"model": model.state_dict(), "meta": checkpoint_meta(model, config, "Retrieval.py")}, path)
+    adopted = adopt_checkpoint_sizes(config, path, [], str(tmp_path))
+    assert adopted["image_res"] == 48 and adopted["vision_width"] == 32 and adopted["embed_dim"] == 16
+    assert adopted["vit"] == {"patch_size": 8, "depth": 2, "heads": 2}
+    assert BertConfig.from_json(adopted["bert_config"]) == model.config.bert
+    assert ALBEFConfig.from_config(adopted).bert == model.config.bert and config["image_res"] == 64
+    kept = adopt_checkpoint_sizes(config, path, ["image_res=64", "vit.depth=4"], str(tmp_path))
+    assert kept["image_res"] == 64 and kept["vit"] == config["vit"] and kept["embed_dim"] == 16
+    torch.save({"model": model.state_dict()}, str(tmp_path / "released.pth"))  # no metadata: the config's
+    assert adopt_checkpoint_sizes(config, str(tmp_path / "released.pth"), [], str(tmp_path)) == config
