@@ -374,3 +374,13 @@ def test_text_assignment_pretraining_reads_shards(world: str, shards: str, tmp_p
         "batch_size=8", "num_workers=2", "image_res=32", "vit={patch_size: 8, depth: 1, heads: 4}"])
     assert record["epoch"] == 0 and record["train_loss_ta"] > 0 and record["skipped_images"] == 0
     assert record["samples_per_s"] * record["epoch_seconds"] == pytest.approx(N)  # 5 steps x 8 samples
+
+
+def test_entry_scripts_accept_the_shard_keys() -> None:
+    """Pretrain.py and Pretrain_nlvr.py write SHARD_DEFAULTS out (their schemas import no dataset code)."""
+    import Pretrain
+    import Pretrain_nlvr
+    from dataset import SHARD_DEFAULTS
+
+    for script in (Pretrain, Pretrain_nlvr):
+        assert {k: script.DEFAULTS[k] for k in SHARD_DEFAULTS} == SHARD_DEFAULTS, script.__name__
