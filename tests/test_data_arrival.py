@@ -1,5 +1,5 @@
 """Data the way it arrives: byte-order marks, captions that cleaning empties, mixed image ids, repeated
-evaluation images, an evaluation batch of unreadable images."""
+evaluation images, an evaluation batch of unreadable images, and a first run on fewer items than a batch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 
 import pytest
 import torch
+
+from engine import trainer
 
 
 def write_json(path, items: object, bom: bool = False) -> str:
@@ -84,3 +86,23 @@ def test_retrieval_evaluation_survives_an_unreadable_first_batch(tmp_path) -> No
     assert (metrics["images"], metrics["texts"], metrics["unreadable_images"]) == (4, 8, 2)
     assert 0.0 <= metrics["r_mean"] <= 100.0
 
+
+@pytest.mark.parametrize("script", ["Pretrain", "Retrieval"])
+def test_a_first_run_on_fewer_items_than_a_batch_names_the_key(script: str, tmp_path, caplog) -> None:
+    """A new user's own data, smaller than the toy batch of 32: one ERROR line saying which key to change."""
+    import importlib
+
+    from dataset.toy_world import ensure_toy_world
+
+    world = ensure_toy_world(str(tmp_path / "toy"), n_train=5, n_val=2, n_test=2)  # 5 pairs, 25 captions
+    files = {"Pretrain": [f"train_file=[{world}/pretrain.json]"],
+             "Retrieval": [f"train_file=[{world}/retrieval_train.json]", f"val_file={world}/retrieval_val.json",
+                           "test_file=", f"image_root={world}"]}
+    argv = ["--config", f"configs/toy/{script}.yaml", "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+            "--override", "toy_world=", "num_workers=0", *files[script]]
+    main = importlib.import_module(script).main
+    with caplog.at_level(logging.ERROR):
+        assert trainer.run_main(lambda: main(argv)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    key = "batch_size" if script == "Pretrain" else "batch_size_train"
+    assert len(errors) == 1 and "lower" in errors[0] and key in errors[0], errors
