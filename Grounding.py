@@ -26,28 +26,19 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import DataLoader
-
-from dataset import build_transform, collate_skip_none, create_loader
-from dataset.grounding_dataset import (
-    GroundingEvalDataset,
-    GroundingTrainDataset,
-    load_dets,
-    load_ground_truth,
-    reference_problems,
-)
-from dataset.grounding_eval import grounding_accuracy, maps_by_ref, proposal_stats
-from engine import distributed, logs, trainer
 from engine.config import COMMON_DEFAULTS, ConfigError, get_parser
-from models.albef import ALBEFConfig
-from models.checkpoint import load_weights
-from models.gradcam import MODES, gradcam, patch_grid
-from models.model_retrieval import ALBEFRetrieval
-from models.tokenizer import TextTokenizer
 from Retrieval import make_step_fn
+
+if TYPE_CHECKING:  # torch, the models and the data are imported inside the functions: --help stays fast
+    import torch
+
+    from dataset.grounding_dataset import GroundingEvalDataset
+    from models.model_retrieval import ALBEFRetrieval
+    from models.tokenizer import TextTokenizer
+
+GRADCAM_MODES = ("itm", "itc")  # models.gradcam.MODES, written out so that --help imports no model code
 
 logger = logging.getLogger("albef.grounding")
 
@@ -86,6 +77,8 @@ DEFAULTS: dict[str, Any] = {
 def config_problems(config: dict) -> list[str]:
     """What the schema's types cannot catch: the Grad-CAM mode and block, and the evaluation files (evaluation
     runs every epoch, so even a training run needs them)."""
+    from models.gradcam import MODES
+
     problems = []
     if config["gradcam_mode"] not in MODES:
         problems.append(f"gradcam_mode must be one of {MODES}, not {config['gradcam_mode']!r}")
@@ -114,7 +107,7 @@ TRAINING_CHECKS = [training_problems]
 def parse_args(argv: list[str] | None) -> Any:
     """The common flags plus the official ``--gradcam_mode`` and ``--block_num`` (they override the config)."""
     parser = get_parser(__doc__)
-    parser.add_argument("--gradcam_mode", choices=MODES, default=None, help="default: the config's (itm)")
+    parser.add_argument("--gradcam_mode", choices=GRADCAM_MODES, default=None, help="default: the config's (itm)")
     parser.add_argument("--block_num", type=int, default=None, help="default: the config's")
     args = parser.parse_args(argv)
     for key in ("gradcam_mode", "block_num"):
@@ -131,6 +124,14 @@ def collect_maps(model: ALBEFRetrieval, dataset: GroundingEvalDataset, tokenizer
     Each rank maps its contiguous share (``distributed.shard_dataset``); maps and ref ids are gathered in rank
     order in memory. Expressions whose image cannot be read are left out (and logged).
     """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from dataset import collate_skip_none
+    from dataset.grounding_eval import maps_by_ref
+    from engine import distributed
+    from models.gradcam import gradcam, patch_grid
+
     loader = DataLoader(distributed.shard_dataset(dataset), batch_size=config["batch_size"], shuffle=False,
                         num_workers=config["num_workers"], collate_fn=collate_skip_none)
     grid = patch_grid(model)
@@ -156,6 +157,11 @@ def collect_maps(model: ALBEFRetrieval, dataset: GroundingEvalDataset, tokenizer
 
 def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device) -> Callable:
     """``evaluate(model, epoch) -> {'val_d', 'testA_d', 'testB_d', ..., 'n_refs'}`` on the test files."""
+    from dataset import build_transform
+    from dataset.grounding_dataset import GroundingEvalDataset, load_dets, load_ground_truth, reference_problems
+    from dataset.grounding_eval import grounding_accuracy, proposal_stats
+    from engine import distributed
+
     dataset = GroundingEvalDataset(config["test_file"], build_transform("test", config["image_res"]),
                                    config["image_root"], config["max_words"])
     truth = load_ground_truth(config["refcoco_data"], config["refer_dataset"], config["refer_split_by"])
@@ -180,8 +186,12 @@ def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device)
 
 
 def write_results(output_dir: str, results: dict) -> None:
-    """Append one line to ``log.txt`` and write ``result/grounding_metrics.json`` (rank 0)."""
-    logs.append_jsonl(os.path.join(output_dir, "log.txt"), results)
+    """Write ``result/grounding_metrics.json`` (rank 0); ``--evaluate`` results also make the one line of
+    ``log.txt`` (a training run's ``log.txt`` keeps one line per epoch, all of one shape)."""
+    from engine import distributed, logs
+
+    if results.get("mode") == "evaluate":
+        logs.append_jsonl(os.path.join(output_dir, "log.txt"), results)
     if distributed.is_main_process():
         os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
         with open(os.path.join(output_dir, "result", "grounding_metrics.json"), "w", encoding="utf-8") as f:
@@ -193,6 +203,10 @@ def write_results(output_dir: str, results: dict) -> None:
 def run_training(model: ALBEFRetrieval, args: Any, config: dict, evaluate: Callable, tokenizer: TextTokenizer,
                  device: torch.device) -> dict:
     """Fine-tune with ``trainer.fit``; each epoch evaluates every split, ``val_d`` picks the best."""
+    from dataset import build_transform, create_loader
+    from dataset.grounding_dataset import GroundingTrainDataset
+    from engine import distributed, trainer
+
     transform = build_transform("grounding_train", config["image_res"], randaug=config["randaug"])
     dataset = GroundingTrainDataset(config["train_file"], transform, config["image_root"], config["max_words"])
     logger.info("%d expressions of %d images for training", len(dataset), len(dataset.img_ids))
@@ -215,6 +229,12 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, evaluate: Calla
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate; returns the results written to ``grounding_metrics.json``."""
     args = parse_args(argv)
+    from engine import distributed, trainer
+    from models.albef import ALBEFConfig
+    from models.checkpoint import load_weights
+    from models.model_retrieval import ALBEFRetrieval
+    from models.tokenizer import TextTokenizer
+
     config, device = trainer.setup_run(args, DEFAULTS, CONFIG_CHECKS if args.evaluate else
                                        [*CONFIG_CHECKS, *TRAINING_CHECKS])
     tokenizer = TextTokenizer(args.text_encoder)
@@ -235,4 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(trainer.run_main(main))
+    parse_args(None)  # --help and usage errors answer before torch is imported
+    from engine.trainer import run_main
+
+    sys.exit(run_main(main))

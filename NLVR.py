@@ -28,12 +28,7 @@ import logging
 import sys
 from typing import Any
 
-from dataset import NLVRDataset, build_transform
-from engine import distributed, trainer
 from engine.config import get_parser
-from models.albef import ALBEFConfig
-from models.model_nlvr import ALBEFNLVR
-from models.tokenizer import TextTokenizer
 from SNLI_VE import (
     CLASSIFIER_DEFAULTS,
     check_split_sizes,
@@ -65,6 +60,12 @@ DEFAULTS: dict[str, Any] = {
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate on NLVR2; returns the results written to ``nlvr_metrics.json``."""
     args = get_parser(__doc__).parse_args(argv)
+    from dataset import NLVRDataset, build_transform  # here, not above: --help stays fast
+    from engine import distributed, trainer
+    from models.albef import ALBEFConfig
+    from models.model_nlvr import ALBEFNLVR
+    from models.tokenizer import TextTokenizer
+
     config, device = trainer.setup_run(args, DEFAULTS, hooks_for(args))
     tokenizer = TextTokenizer(args.text_encoder)
     model = ALBEFNLVR(ALBEFConfig.from_config(config))
@@ -89,4 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(trainer.run_main(main))
+    get_parser(__doc__).parse_args()  # --help and usage errors answer before torch is imported
+    from engine.trainer import run_main
+
+    sys.exit(run_main(main))

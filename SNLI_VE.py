@@ -22,20 +22,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import Dataset
-
-from dataset import VEDataset, build_transform, create_loader
-from dataset.ve_dataset import VE_CLASS_NAMES
-from engine import checkpoint_io, checks, distributed, logs, trainer
 from engine.config import COMMON_DEFAULTS, get_parser
-from models.albef import ALBEFConfig
-from models.checkpoint import load_weights
-from models.classifier_eval import evaluate_classifier
-from models.model_ve import ALBEFVE
-from models.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # torch, the models and the data are imported inside the functions: --help stays fast
+    import torch
+    from torch.utils.data import Dataset
+
+    from models.tokenizer import TextTokenizer
 
 logger = logging.getLogger("albef.classifier")
 
@@ -80,6 +75,8 @@ def classifier_config_problems(config: dict) -> list[str]:
 
 def train_file_problems(config: dict) -> list[str]:
     """Training hook: ``train_file`` must name data."""
+    from engine import checks
+
     return checks.files_given_problems(config, ["train_file"])
 
 
@@ -94,6 +91,8 @@ def hooks_for(args: argparse.Namespace) -> tuple:
 
 def check_split_sizes(config: dict, splits: dict, train_set: Dataset | None, source: str) -> None:
     """Empty splits, or a training split smaller than one global batch: one ``ConfigError``."""
+    from engine import checks, distributed
+
     sizes = {split: len(dataset) for split, dataset in splits.items()}
     if train_set is not None:
         sizes["train"] = len(train_set)
@@ -103,6 +102,7 @@ def check_split_sizes(config: dict, splits: dict, train_set: Dataset | None, sou
 def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device) -> Callable:
     """Batch -> ``{'loss', 'acc'}``; the batch is (images..., sentences, labels (B,)): one image tensor (B, 3, R, R)
     for SNLI-VE, two for NLVR2 (concatenated to (2B, 3, R, R): first images, then second images)."""
+    import torch
 
     def step(model: torch.nn.Module, batch: tuple, alpha: float, global_step: int) -> dict[str, torch.Tensor]:
         *images, sentences, labels = batch
@@ -116,6 +116,7 @@ def make_step_fn(tokenizer: TextTokenizer, config: dict, device: torch.device) -
 def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device, class_names: Sequence[str],
                    batch_size: int) -> Callable[[torch.nn.Module, Dataset], dict]:
     """``evaluate(model, dataset) -> metrics`` (each example once across ranks)."""
+    from models.classifier_eval import evaluate_classifier
 
     def evaluate(model: torch.nn.Module, dataset: Dataset) -> dict:
         return evaluate_classifier(model, dataset, tokenizer, device, class_names, batch_size, config["max_tokens"],
@@ -132,11 +133,15 @@ def flat_metrics(split: str, metrics: dict) -> dict[str, float]:
 
 
 def write_results(output_dir: str, results: dict, name: str) -> None:
-    """Append one line to ``log.txt`` and write ``result/<name>_metrics.json`` (rank 0)."""
+    """Write ``result/<name>_metrics.json`` (rank 0); ``--evaluate`` results also make the one line of ``log.txt``
+    (a training run's ``log.txt`` keeps one line per epoch, all of one shape)."""
+    from engine import distributed, logs
+
     line = {k: v for k, v in results.items() if not isinstance(v, dict)}
     for split in ("val", "test"):
         line.update(flat_metrics(split, results.get(split, {})))
-    logs.append_jsonl(os.path.join(output_dir, "log.txt"), line)
+    if results.get("mode") == "evaluate":
+        logs.append_jsonl(os.path.join(output_dir, "log.txt"), line)
     if distributed.is_main_process():
         os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
         with open(os.path.join(output_dir, "result", f"{name}_metrics.json"), "w", encoding="utf-8") as f:
@@ -147,6 +152,8 @@ def write_results(output_dir: str, results: dict, name: str) -> None:
 def run_evaluation(model: torch.nn.Module, args: argparse.Namespace, splits: dict, evaluate: Callable,
                    device: torch.device) -> dict:
     """``--evaluate``: the ``--checkpoint`` weights on val and test."""
+    from models.checkpoint import load_weights
+
     if args.checkpoint:
         report = load_weights(model, args.checkpoint)
         if report.fresh_heads:
@@ -164,6 +171,8 @@ def run_evaluation(model: torch.nn.Module, args: argparse.Namespace, splits: dic
 def load_initial_weights(model: torch.nn.Module, args: argparse.Namespace, config: dict) -> argparse.Namespace:
     """Load ``--checkpoint`` (unless resuming) with the configured ``teacher_init``; returns the arguments for
     ``trainer.fit`` (without the checkpoint, which is loaded already)."""
+    from models.checkpoint import load_weights
+
     if not args.checkpoint or args.resume:
         return args
     report = load_weights(model, args.checkpoint, init_momentum=config["teacher_init"] == "loaded")
@@ -176,6 +185,9 @@ def load_initial_weights(model: torch.nn.Module, args: argparse.Namespace, confi
 def run_training(model: torch.nn.Module, args: argparse.Namespace, config: dict, train_set: Dataset, splits: dict,
                  evaluate: Callable, step_fn: Callable, batch_size: int, device: torch.device) -> dict:
     """Fine-tune with ``trainer.fit`` (val each epoch, best on ``val_acc``), then evaluate the best on test."""
+    from dataset import create_loader
+    from engine import checkpoint_io, distributed, trainer
+
     loader = create_loader(train_set, batch_size, config["num_workers"], shuffle=True, seed=args.seed,
                            drop_last=True, rank=distributed.get_rank(), world_size=distributed.get_world_size())
     history: dict[int, dict] = {}
@@ -205,6 +217,13 @@ def run_training(model: torch.nn.Module, args: argparse.Namespace, config: dict,
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate on SNLI-VE; returns the results written to ``ve_metrics.json``."""
     args = get_parser(__doc__).parse_args(argv)
+    from dataset import VEDataset, build_transform
+    from dataset.ve_dataset import VE_CLASS_NAMES
+    from engine import distributed, trainer
+    from models.albef import ALBEFConfig
+    from models.model_ve import ALBEFVE
+    from models.tokenizer import TextTokenizer
+
     config, device = trainer.setup_run(args, DEFAULTS, hooks_for(args))
     tokenizer = TextTokenizer(args.text_encoder)
     model = ALBEFVE(ALBEFConfig.from_config(config))
@@ -229,4 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(trainer.run_main(main))
+    get_parser(__doc__).parse_args()  # --help and usage errors answer before torch is imported
+    from engine.trainer import run_main
+
+    sys.exit(run_main(main))

@@ -445,8 +445,11 @@ def test_one_warning_line_for_each_flag_that_does_nothing(caplog) -> None:
     assert warnings_for(["--checkpoint", "a.pth"], {**fine_tune, "val_file": "v.json"}) == []
 
 
+ENTRY_SCRIPTS = ("Pretrain.py", "Retrieval.py", "VQA.py", "SNLI_VE.py", "NLVR.py", "Pretrain_nlvr.py", "Grounding.py")
+
+
 def test_help_is_fast_complete_and_keeps_the_examples() -> None:
-    for script in ("Pretrain.py", "Retrieval.py"):
+    for script in sorted(ENTRY_SCRIPTS, key=lambda name: name == "Retrieval.py"):  # its help is checked below
         result = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0
@@ -462,6 +465,10 @@ def test_help_is_fast_complete_and_keeps_the_examples() -> None:
         takes_value = first.lstrip("[").isupper()  # CONFIG, [PATH], [BOOL], [KEY=VALUE ...]; switches have none
         if takes_value and flag not in ("-config", "-output_dir"):  # the two required flags have no default
             assert "default" in block, f"{flag} shows no default"
+    import Grounding
+    from models.gradcam import MODES
+
+    assert Grounding.GRADCAM_MODES == MODES  # written out in Grounding.py for --help
 
 
 def test_override_with_nothing_after_the_equals_sign_is_the_empty_string(tmp_path) -> None:
