@@ -6,7 +6,7 @@ To add a section, see the docstring of ``scripts/benchmark.py``.
 
 from __future__ import annotations
 
-from scripts.bench import data_pipeline, gradcam, pretrain_step, retrieval_eval, retrieval_step, vqa
+from scripts.bench import data_pipeline, gradcam, pretrain_step, retrieval_eval, retrieval_step, ve_nlvr, vqa
 from scripts.bench.common import Section
 
 SECTIONS: dict[str, Section] = {
@@ -16,4 +16,6 @@ SECTIONS: dict[str, Section] = {
     "retrieval_step": retrieval_step.SECTION,
     "gradcam": gradcam.SECTION,
     "vqa": vqa.SECTION,
+    "ve": ve_nlvr.VE_SECTION,
+    "nlvr": ve_nlvr.NLVR_SECTION,
 }

@@ -77,6 +77,22 @@ def train_step_fn(forward: Callable[[], dict[str, Tensor]], optimizer: torch.opt
     return step
 
 
+def inference_step_fn(forward: Callable[[], object], device_type: str, amp_dtype: torch.dtype | None) -> StepFn:
+    """``forward()`` under ``no_grad`` as a step whose backward and optimizer phases are empty (0 s), so that
+    :func:`run_interleaved` times inference with the same marks, medians and peak memory as training."""
+
+    def step(timer: PhaseTimer) -> None:
+        timer.mark()
+        autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        with torch.no_grad(), autocast:
+            forward()
+        timer.mark()
+        timer.mark()  # no backward
+        timer.mark()  # no optimizer step
+
+    return step
+
+
 def run_interleaved(fns: dict[str, StepFn], steps: int, warmup: int, device: torch.device) -> dict[str, Row]:
     """Warm up, then alternate the step functions step by step; per function the median phases and peak."""
     for _ in range(warmup):
