@@ -1,6 +1,8 @@
 """The shared engine of every ALBEF task: one module per job, no task knowledge.
 
 - ``engine.config``: the YAML config against a task's schema, ``--override``, the common CLI flags.
+- ``engine.checks``: the start-up constraint checks (rules keyed by config key, relations between keys, task
+  hooks), shared by the entry scripts and ``scripts/validate_data.py``.
 - ``engine.distributed``: collectives that are no-ops in one process; evaluation sharding that sees each
   example once (``shard_dataset`` / ``shard_range``, ``gather_rows``, ``gather_objects``). The lowest layer:
   ``models/`` and ``dataset/`` may import it, it imports neither.
@@ -8,6 +10,8 @@
 - ``engine.checkpoint_io``: checkpoint files (atomic, rotated, resumable). The weights inside are mapped onto a
   model by ``models.checkpoint``.
 - ``engine.train_loop``: ``train_one_epoch``, the one training loop.
+- ``engine.signals``: SIGINT / SIGTERM stop a run at a step boundary with a checkpoint.
+- ``engine.run_state``: output-folder safety and config changes on resume.
 - ``engine.trainer``: ``setup_run``, ``fit`` (train, evaluate, checkpoint, resume) and ``run_main``.
 
 The task pattern (pre-training and retrieval follow it; VQA, SNLI-VE, NLVR2 and grounding add one of each):
@@ -18,7 +22,9 @@ The task pattern (pre-training and retrieval follow it; VQA, SNLI-VE, NLVR2 and 
 - ``dataset/<task>_dataset.py``: the official annotation format, validated (``dataset.validate``) before any
   training starts; unreadable images are dropped and counted by the shared collate.
 - ``<Task>.py``: a schema ``DEFAULTS = {**COMMON_DEFAULTS, ...}`` (every accepted key with its default),
-  ``make_step_fn(...) -> step(model, batch, alpha, global_step) -> dict of losses``, an evaluator
+  ``CONFIG_CHECKS`` / ``TRAINING_CHECKS`` (functions ``config -> list of problems``, passed to ``setup_run`` and
+  run by the validator too), ``make_step_fn(...) -> step(model, batch, alpha, global_step) -> dict of losses``,
+  an evaluator
   ``evaluate(model, epoch) -> dict`` of metrics (accuracies, retrieval recalls, or the path of a result
   file: anything JSON-serialisable), and ``main(argv=None)``, run as ``sys.exit(run_main(main))``. Training
   goes through ``engine.trainer.fit(..., evaluate=..., score="val_<metric>")``: the named score picks
