@@ -35,6 +35,13 @@ def _check_images(images: list, where: str) -> None:
         raise DataError(f"{where}, key 'images': expected a list of two image paths, got {images!r}"[:300])
 
 
+def nlvr_item_label(item: dict, where: str) -> int:
+    """The label of a schema-valid item (:func:`nlvr_label`) once its two image paths are checked; ``where`` names
+    the item in a :class:`~dataset.validate.DataError`. The dataset and ``scripts/validate_data.py`` call it."""
+    _check_images(item["images"], where)
+    return nlvr_label(item["label"], where)
+
+
 class NLVRDataset(Dataset):
     """(image 1, image 2, sentence, label) items; every file and label is checked when the dataset is built.
 
@@ -51,9 +58,7 @@ class NLVRDataset(Dataset):
         self.labels: list[int] = []
         for path in [ann_files] if isinstance(ann_files, str) else ann_files:
             items = load_annotations(path, NLVR_SCHEMA, text_keys=("sentence",))
-            for i, item in enumerate(items):
-                _check_images(item["images"], f"{path}, item {i}")
-                self.labels.append(nlvr_label(item["label"], f"{path}, item {i}"))
+            self.labels += [nlvr_item_label(item, f"{path}, item {i}") for i, item in enumerate(items)]
             self.ann += items
         self.image_root = image_root
         self.max_words = max_words

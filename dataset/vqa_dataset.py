@@ -73,8 +73,21 @@ def answer_weights(item: dict, where: str) -> tuple[list[str], list[float]]:
     raise DataError(f"{where}, key 'dataset': expected 'vqa' or 'vg', got {source!r}")
 
 
-def _image_path(item: dict, vqa_root: str, vg_root: str) -> str:
+def vqa_image_path(item: dict, vqa_root: str, vg_root: str) -> str:
+    """The image file of an item: ``vg_root/image`` for a ``'vg'`` item, else ``vqa_root/image``."""
     return os.path.join(vg_root if item.get("dataset") == "vg" else vqa_root, item["image"])
+
+
+def check_test_item(item: dict, where: str, seen: dict[int, str]) -> None:
+    """A schema-valid test item's own checks: a ``question_id`` not in ``seen`` (id -> the item that has it; the
+    item's id is added) and a known ``dataset``; a :class:`DataError` naming ``where`` otherwise. The dataset and
+    ``scripts/validate_data.py`` call it."""
+    qid = item["question_id"]
+    if qid in seen:
+        raise DataError(f"{where}: question_id {qid} repeats {seen[qid]}; result files need unique ids")
+    if item.get("dataset", "vqa") not in ("vqa", "vg"):
+        raise DataError(f"{where}, key 'dataset': expected 'vqa' or 'vg', got {item['dataset']!r}")
+    seen[qid] = where
 
 
 class VQATrainDataset(Dataset):
@@ -98,7 +111,7 @@ class VQATrainDataset(Dataset):
                 if not question.strip():
                     empty.append(f"{path}, item {i}")
                     continue
-                self.items.append((_image_path(item, vqa_root, vg_root), question, answers, weights))
+                self.items.append((vqa_image_path(item, vqa_root, vg_root), question, answers, weights))
         self.num_empty_questions = len(empty)
         if empty:
             logger.warning("%d training questions are empty after cleaning and were skipped (%s)", len(empty),
@@ -178,13 +191,9 @@ class VQATestDataset(Dataset):
         seen: dict[int, str] = {}
         for path in files:
             for i, item in enumerate(load_annotation_files(path, VQA_TEST_SCHEMA, text_keys=())):
-                qid, where = item["question_id"], f"{path}, item {i}"
-                if qid in seen:
-                    raise DataError(f"{where}: question_id {qid} repeats {seen[qid]}; result files need unique ids")
-                if item.get("dataset", "vqa") not in ("vqa", "vg"):
-                    raise DataError(f"{where}, key 'dataset': expected 'vqa' or 'vg', got {item['dataset']!r}")
-                seen[qid] = where
-                self.paths.append(_image_path(item, vqa_root, vg_root))
+                qid = item["question_id"]
+                check_test_item(item, f"{path}, item {i}", seen)
+                self.paths.append(vqa_image_path(item, vqa_root, vg_root))
                 self.questions.append(pre_question(item["question"], max_words))
                 self.question_ids.append(qid)
                 if "answer" in item:
@@ -199,6 +208,8 @@ class VQATestDataset(Dataset):
         self._loader = SafeImageLoader(transform)
 
     def _add_answers(self, answers: Mapping[Any, Any]) -> None:
+        if not isinstance(answers, Mapping):  # a JSON list read as the answers file
+            raise DataError(f"answers: expected a JSON object {{question_id: answer(s)}}, got {type(answers).__name__}")
         ids = set(self.question_ids)
         for key, value in answers.items():
             try:
