@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from dataset.caption import pre_caption
@@ -29,6 +30,25 @@ RETRIEVAL_TRAIN_SCHEMA: dict[str, TypeSpec] = {
 RETRIEVAL_EVAL_SCHEMA: dict[str, TypeSpec] = {"image": str, "caption": list}
 GROUNDING_TRAIN_SCHEMA: dict[str, TypeSpec] = {"image": str, "text": str}
 GROUNDING_TEST_SCHEMA: dict[str, TypeSpec] = {"image": str, "text": str, "ref_id": int}
+
+# A dataset's own check of one schema-valid item (label parsing ...): (item, "file, item i") -> raises DataError.
+ItemCheck = Callable[[dict, str], Any]
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """How a task's dataset reads one annotation file, for :func:`task_file_report`.
+
+    ``schema``: required keys and types; ``text_keys``: caption keys (None: those of ``caption`` / ``text`` in the
+    schema); ``item_check``: the dataset's own check of each schema-valid item (the same function the dataset
+    calls); ``image_paths``: item -> its image files (None: ``image_root/<image>``), for ``check_images``.
+    """
+
+    schema: Mapping[str, TypeSpec]
+    text_keys: tuple[str, ...] | None = None
+    item_check: ItemCheck | None = None
+    image_paths: Callable[[dict], list[str]] | None = None
+
 
 # How many unreadable images are listed per file before summarising.
 _MAX_LISTED_IMAGES = 20
@@ -271,9 +291,12 @@ def report_missing_images(path: str, items: list[dict], image_root: str) -> int:
     return len(missing)
 
 
-def _check_images(path: str, items: list[dict], image_root: str) -> list[str]:
-    """Try to decode every distinct image of ``items``; describe the failures."""
-    image_paths = dict.fromkeys(os.path.join(image_root, it["image"]) for it in items)
+def _check_images(path: str, items: list[dict], image_root: str,
+                  paths_of: Callable[[dict], list[str]] | None = None) -> list[str]:
+    """Try to decode every distinct image of ``items`` (``paths_of(item)``, default ``image_root/<image>``);
+    describe the failures."""
+    paths_of = paths_of or (lambda it: [os.path.join(image_root, it["image"])])
+    image_paths = dict.fromkeys(p for it in items for p in paths_of(it))
     failures: list[str] = []
     for image_path in image_paths:
         try:
@@ -294,8 +317,8 @@ def _check_images(path: str, items: list[dict], image_root: str) -> list[str]:
 
 def _task_files(
     config: Mapping[str, Any], task: str
-) -> tuple[list[tuple[str, Any]], list[str]]:
-    """(file, schema) pairs a task reads, plus problems with the config keys."""
+) -> tuple[list[tuple[str, FileCheck]], list[str]]:
+    """(file, how it is read) pairs a task reads, plus problems with the config keys."""
     problems: list[str] = []
     pairs: list[tuple[str, Any]] = []
 
@@ -313,7 +336,7 @@ def _task_files(
             return []
         return value if want_list else [value]
 
-    if task == "pretrain":
+    if task in ("pretrain", "nlvr_pretrain"):  # Pretrain_nlvr.py reads its data with the pre-training loader
         pairs += [(f, PRETRAIN_SCHEMA) for f in files_of("train_file", True)]
     elif task == "retrieval":
         pairs += [(f, RETRIEVAL_TRAIN_SCHEMA) for f in files_of("train_file", True)]
@@ -328,9 +351,17 @@ def _task_files(
         pairs += [(f, GROUNDING_TEST_SCHEMA) for f in files_of("test_file", True)]
         if not isinstance(config.get("image_root"), str):
             problems.append(f"config: 'image_root' must be a string, got {config.get('image_root')!r}")
+    elif task in ("ve", "nlvr", "vqa"):  # an absent or empty split key: no such split
+        from dataset.task_files import file_checks  # it imports the task datasets, which import this module
+
+        checks, found = file_checks(config, task)
+        problems += found
+        for key, check in checks.items():
+            pairs += [(f, check) for f in (files_of(key, True) if config.get(key) else [])]
     else:
-        raise ValueError(f"unknown task {task!r}; expected 'pretrain', 'retrieval' or 'grounding'")
-    return pairs, problems
+        raise ValueError(f"unknown task {task!r}; expected 'pretrain', 'retrieval', 'grounding', 've', 'nlvr', "
+                         "'nlvr_pretrain' or 'vqa'")
+    return [(f, c if isinstance(c, FileCheck) else FileCheck(c)) for f, c in pairs], problems
 
 
 def annotation_problems(
@@ -338,9 +369,12 @@ def annotation_problems(
     required: Mapping[str, TypeSpec],
     text_keys: Sequence[str] = ("caption",),
     limit: int = 20,
+    item_check: ItemCheck | None = None,
 ) -> tuple[list[dict], list[str]]:
     """Every problem of one annotation file, where :func:`load_annotations` stops at the first.
 
+    ``item_check(item, "file, item i")``: the dataset's own check of each item that passes the schema and keeps a
+    caption (the items its dataset checks); its ``DataError`` is a problem of that item.
     Returns the valid items and the problems: the first ``limit`` listed, then one line counting the rest.
     """
     try:
@@ -358,8 +392,15 @@ def annotation_problems(
             problems.append(str(err))
             continue
         cleaned, _ = _drop_empty_texts(item, keys)  # as load_annotations: skipped, not a problem
-        if cleaned is not None:
-            items.append(cleaned)
+        if cleaned is None:
+            continue
+        if item_check is not None:
+            try:
+                item_check(cleaned, _where(path, index))
+            except DataError as err:
+                problems.append(str(err))
+                continue
+        items.append(cleaned)
     if len(problems) > limit:
         problems = [*problems[:limit], f"{path}: ... and {len(problems) - limit} more problems "
                                        f"({len(problems)} of {len(data)} items)"]
@@ -384,29 +425,39 @@ def task_file_report(
             split_of[f] = key[: -len("_file")]
     sizes: dict[str, int] = {}
     broken: set[str] = set()
+    dirty: set[str] = set()  # splits with a problem in a file
     grounding_items: list[dict] = []  # the valid evaluation items of a grounding config
-    for path, schema in pairs:
+    for path, check in pairs:
+        schema = check.schema
         if schema is PRETRAIN_SCHEMA and not path.lower().endswith(".json"):
             from dataset.shard_io import shard_problems  # a WebDataset shard spec (dataset/shards.py)
 
             problems += shard_problems(path)
             continue
-        text_keys = tuple(k for k in ("caption", "text") if k in schema)  # grounding items carry 'text'
-        items, found = annotation_problems(path, schema, text_keys, limit=limit)
+        text_keys = check.text_keys
+        if text_keys is None:
+            text_keys = tuple(k for k in ("caption", "text") if k in schema)  # grounding items carry 'text'
+        items, found = annotation_problems(path, schema, text_keys, limit=limit, item_check=check.item_check)
         problems += found
         if schema is GROUNDING_TEST_SCHEMA:
             grounding_items += items
         split = split_of.get(path, "train")
         if found and not items:
             broken.add(split)  # unreadable or no valid item: reported above, not counted as empty
+        if found:
+            dirty.add(split)
         sizes[split] = sizes.get(split, 0) + len(items)
         logger.info("%s: %d valid items, %d problem(s)", path, len(items), len(found))
         if check_images:
-            problems += _check_images(path, items, image_root)
+            problems += _check_images(path, items, image_root, check.image_paths)
     if task == "grounding":
         from dataset.grounding_dataset import grounding_file_problems  # it imports this module
 
         problems += grounding_file_problems(dict(config), grounding_items)
+    elif task == "vqa":  # whole splits: answer list, ground truth, test images (as VQA.py's start-up)
+        from dataset.task_files import split_problems
+
+        problems += split_problems(config, task, {"val", "test"} - dirty)
     return {split: n for split, n in sizes.items() if split not in broken}, problems
 
 
@@ -419,7 +470,10 @@ def validate_config_files(
         config: the parsed YAML config.
         task: ``'pretrain'`` (``train_file``), ``'retrieval'`` (``train_file``,
             ``val_file``, ``test_file`` and ``image_root``) or ``'grounding'`` (``train_file``, ``test_file``,
-            ``image_root``, and ``refcoco_data`` and ``det_file`` covering every test ``ref_id``).
+            ``image_root``, and ``refcoco_data`` and ``det_file`` covering every test ``ref_id``); ``'ve'``,
+            ``'nlvr'``, ``'vqa'`` (``train_file``, ``val_file``, ``test_file``, read as their datasets read them:
+            ``dataset.task_files``; VQA also ``answer_list``, ``*_answers_file`` and the test images);
+            ``'nlvr_pretrain'`` (as ``'pretrain'``).
         check_images: also decode every referenced image with :func:`load_image`.
 
     Returns:

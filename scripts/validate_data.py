@@ -36,7 +36,7 @@ logger = logging.getLogger("validate_data")
 TASKS = {"pretrain": "Pretrain", "retrieval": "Retrieval", "vqa": "VQA", "ve": "SNLI_VE", "nlvr": "NLVR",
          "nlvr_pretrain": "Pretrain_nlvr", "grounding": "Grounding"}
 # tasks whose annotation files dataset.validate knows how to read
-FILE_TASKS = ("pretrain", "retrieval")
+FILE_TASKS = ("pretrain", "retrieval", "grounding", "ve", "nlvr", "nlvr_pretrain", "vqa")
 # file-name stems that name a task (configs/Retrieval_coco.yaml -> retrieval)
 STEMS = {"pretrain": "pretrain", "retrieval": "retrieval", "vqa": "vqa", "ve": "ve", "snli_ve": "ve",
          "nlvr": "nlvr", "nlvr_pretrain": "nlvr_pretrain", "grounding": "grounding"}
