@@ -20,6 +20,7 @@ Outputs are float32 CPU tensors or plain Python values.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -255,8 +256,9 @@ class ALBEFInference:
                  score: str = "itm") -> list[list[dict[str, Any]]]:
         """The ``k`` best gallery items for each query, as the retrieval evaluator ranks them.
 
-        Texts query an image gallery, images a text gallery (``gallery``: a :class:`Gallery`, or images / texts
-        indexed now: strings are texts unless ``gallery`` is built with :meth:`index`). The ITC similarity
+        Texts query an image gallery, images a text gallery. ``gallery``: a :class:`Gallery` from :meth:`index`
+        (an image gallery of file paths is built so), or items indexed now: a list of strings is taken as texts,
+        anything else (PIL images, tensors) as images. The ITC similarity
         shortlists ``k_test`` candidates (default: the checkpoint config's ``k_test``, else 256), ranked by the
         ITM positive logit (``score='itm'``, official) or that plus the ITC similarity (``'itm+itc'``);
         ``k_test=0`` ranks by ITC alone. Each hit: ``{'index', 'item', 'score', 'itc'}``, best first.
@@ -323,8 +325,8 @@ class ALBEFInference:
         from models.checkpoint_info import project_path
 
         path = self.config.get("answer_list")
-        if not isinstance(path, str) or not path:
-            raise ValueError("this VQA checkpoint names no answer_list: pass candidates=[...]")
+        if not isinstance(path, str) or not path or not os.path.isfile(project_path(path)):
+            raise ValueError(f"this VQA checkpoint's answer_list ({path or 'none'}) is not here: pass candidates=[...]")
         return load_answer_list(project_path(path))
 
     @torch.inference_mode()

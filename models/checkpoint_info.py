@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dataset.transforms import CLIP_MEAN, CLIP_STD
 from models.albef import ALBEFConfig
 from models.bert import BertConfig
 
@@ -62,6 +61,8 @@ def checkpoint_meta(model: nn.Module, config: dict, script: str | None = None, t
                     commit: str | None = None) -> dict[str, Any]:
     """The ``'meta'`` entry of a checkpoint of ``model`` trained with ``config`` by ``script``: enough to rebuild
     the model and its preprocessing (plain values only: readable with ``weights_only=True``)."""
+    from dataset.transforms import CLIP_MEAN, CLIP_STD
+
     task = script_task(script) or model_task(model)
     meta: dict[str, Any] = {"format": META_FORMAT, "task": task, "stage": STAGES.get(task, "fine-tuning"),
                             "version": PROJECT_VERSION, "commit": commit}

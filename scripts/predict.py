@@ -207,4 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from engine.trainer import run_main  # one line for a bad checkpoint, exit code 2
 
-    sys.exit(run_main(main))
+    try:
+        sys.exit(run_main(main))
+    except ValueError as exc:  # a call the checkpoint's task cannot answer, inputs that do not pair up
+        sys.exit(f"predict.py: {exc}")
