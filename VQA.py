@@ -281,8 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     from models.model_vqa import ALBEFVQA
     from models.tokenizer import TextTokenizer
 
-    config, device = trainer.setup_run(args, DEFAULTS)
-    checks.check_config(config, args.config, CONFIG_CHECKS)
+    config, device = trainer.setup_run(args, DEFAULTS, CONFIG_CHECKS)  # checked before anything is written
     if not args.evaluate:
         checks.check_files_given(config, ["train_file"], args.config)
     tokenizer = TextTokenizer(args.text_encoder)
