@@ -24,23 +24,11 @@ evaluated on test-P (``test_file``). Results in ``output_dir/result/nlvr_metrics
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
 from engine.config import get_parser
-from SNLI_VE import (
-    CLASSIFIER_DEFAULTS,
-    check_split_sizes,
-    hooks_for,
-    make_evaluator,
-    make_step_fn,
-    run_evaluation,
-    run_training,
-    write_results,
-)
-
-logger = logging.getLogger("albef.nlvr")
+from SNLI_VE import CLASSIFIER_DEFAULTS, run_classifier_task
 
 NLVR_CLASS_NAMES = ("False", "True")
 
@@ -60,33 +48,11 @@ DEFAULTS: dict[str, Any] = {
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate on NLVR2; returns the results written to ``nlvr_metrics.json``."""
     args = get_parser(__doc__).parse_args(argv)
-    from dataset import NLVRDataset, build_transform  # here, not above: --help stays fast
-    from engine import distributed, trainer
-    from models.albef import ALBEFConfig
+    from dataset import NLVRDataset  # here, not above: --help stays fast
     from models.model_nlvr import ALBEFNLVR
-    from models.tokenizer import TextTokenizer
 
-    config, device = trainer.setup_run(args, DEFAULTS, hooks_for(args))
-    tokenizer = TextTokenizer(args.text_encoder)
-    model = ALBEFNLVR(ALBEFConfig.from_config(config))
-    test_transform = build_transform("test", config["image_res"])
-    splits = {split: NLVRDataset(config[f"{split}_file"], test_transform, config["image_root"], config["max_words"])
-              for split in ("val", "test") if config[f"{split}_file"]}
-    evaluate = make_evaluator(config, tokenizer, device, NLVR_CLASS_NAMES, config["batch_size"])
-    if args.evaluate:
-        check_split_sizes(config, splits, None, args.config)
-        results = run_evaluation(model, args, splits, evaluate, device)
-    else:
-        transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
-                                    randaug=config["randaug"])
-        train_set = NLVRDataset(config["train_file"], transform, config["image_root"], config["max_words"])
-        check_split_sizes(config, splits, train_set, args.config)
-        logger.info("%d training statements", len(train_set))
-        results = run_training(model, args, config, train_set, splits, evaluate,
-                               make_step_fn(tokenizer, config, device), config["batch_size"], device)
-    write_results(args.output_dir, results, "nlvr")
-    distributed.barrier()
-    return results
+    return run_classifier_task(args, DEFAULTS, ALBEFNLVR, NLVRDataset, NLVR_CLASS_NAMES, "nlvr", "statements",
+                               ("batch_size", "batch_size"))
 
 
 if __name__ == "__main__":

@@ -214,37 +214,51 @@ def run_training(model: torch.nn.Module, args: argparse.Namespace, config: dict,
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Fine-tune and/or evaluate on SNLI-VE; returns the results written to ``ve_metrics.json``."""
-    args = get_parser(__doc__).parse_args(argv)
-    from dataset import VEDataset, build_transform
-    from dataset.ve_dataset import VE_CLASS_NAMES
+def run_classifier_task(args: argparse.Namespace, defaults: dict, model_cls: type, dataset_cls: type,
+                        class_names: Sequence[str], name: str, noun: str, batch_keys: tuple[str, str]) -> dict:
+    """The body of ``SNLI_VE.main`` and ``NLVR.main``: set up, fine-tune and/or evaluate, write the results.
+
+    ``model_cls(ALBEFConfig)`` and ``dataset_cls(files, transform, image_root, max_words)`` are the task's;
+    ``name`` names ``result/<name>_metrics.json``; ``noun`` the training items in the log; ``batch_keys`` the
+    config keys of the training and evaluation batch sizes. Returns the results written.
+    """
+    from dataset import build_transform  # here, not above: --help stays fast
     from engine import distributed, trainer
     from models.albef import ALBEFConfig
-    from models.model_ve import ALBEFVE
     from models.tokenizer import TextTokenizer
 
-    config, device = trainer.setup_run(args, DEFAULTS, hooks_for(args))
+    config, device = trainer.setup_run(args, defaults, hooks_for(args))
     tokenizer = TextTokenizer(args.text_encoder)
-    model = ALBEFVE(ALBEFConfig.from_config(config))
+    model = model_cls(ALBEFConfig.from_config(config))
     test_transform = build_transform("test", config["image_res"])
-    splits = {split: VEDataset(config[f"{split}_file"], test_transform, config["image_root"], config["max_words"])
+    splits = {split: dataset_cls(config[f"{split}_file"], test_transform, config["image_root"], config["max_words"])
               for split in ("val", "test") if config[f"{split}_file"]}
-    evaluate = make_evaluator(config, tokenizer, device, VE_CLASS_NAMES, config["batch_size_test"])
+    evaluate = make_evaluator(config, tokenizer, device, class_names, config[batch_keys[1]])
     if args.evaluate:
         check_split_sizes(config, splits, None, args.config)
         results = run_evaluation(model, args, splits, evaluate, device)
     else:
         transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                     randaug=config["randaug"])
-        train_set = VEDataset(config["train_file"], transform, config["image_root"], config["max_words"])
+        train_set = dataset_cls(config["train_file"], transform, config["image_root"], config["max_words"])
         check_split_sizes(config, splits, train_set, args.config)
-        logger.info("%d training hypotheses", len(train_set))
+        logger.info("%d training %s", len(train_set), noun)
         results = run_training(model, args, config, train_set, splits, evaluate,
-                               make_step_fn(tokenizer, config, device), config["batch_size_train"], device)
-    write_results(args.output_dir, results, "ve")
+                               make_step_fn(tokenizer, config, device), config[batch_keys[0]], device)
+    write_results(args.output_dir, results, name)
     distributed.barrier()
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Fine-tune and/or evaluate on SNLI-VE; returns the results written to ``ve_metrics.json``."""
+    args = get_parser(__doc__).parse_args(argv)
+    from dataset import VEDataset
+    from dataset.ve_dataset import VE_CLASS_NAMES
+    from models.model_ve import ALBEFVE
+
+    return run_classifier_task(args, DEFAULTS, ALBEFVE, VEDataset, VE_CLASS_NAMES, "ve", "hypotheses",
+                               ("batch_size_train", "batch_size_test"))
 
 
 if __name__ == "__main__":
