@@ -24,8 +24,9 @@ from dataset.randaugment import RandomAugment
 from dataset.retrieval_dataset import RetrievalEvalDataset, RetrievalTrainDataset
 from dataset.sampler import ResumableSampler
 from dataset.shards import SHARD_DEFAULTS, ShardLoader, build_pretrain_loader, has_shards
+from dataset.task_files import validate_config_files
 from dataset.transforms import CLIP_MEAN, CLIP_STD, build_transform
-from dataset.validate import DataError, load_annotations, validate_config_files
+from dataset.validate import DataError, load_annotations
 from dataset.ve_dataset import VEDataset
 from dataset.vqa_dataset import VQATestDataset, VQATrainDataset, load_answer_list, vqa_collate
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dataset.caption import pre_caption
-from dataset.image_io import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +49,6 @@ class FileCheck:
     image_paths: Callable[[dict], list[str]] | None = None
 
 
-# How many unreadable images are listed per file before summarising.
-_MAX_LISTED_IMAGES = 20
 # Items whose text is empty after cleaning (punctuation only) are skipped and counted, like unreadable images;
 # a file with more of them than this stops the run (something is wrong with the file, not with a few items).
 MAX_EMPTY_TEXTS = 1000
@@ -291,79 +288,6 @@ def report_missing_images(path: str, items: list[dict], image_root: str) -> int:
     return len(missing)
 
 
-def _check_images(path: str, items: list[dict], image_root: str,
-                  paths_of: Callable[[dict], list[str]] | None = None) -> list[str]:
-    """Try to decode every distinct image of ``items`` (``paths_of(item)``, default ``image_root/<image>``);
-    describe the failures."""
-    paths_of = paths_of or (lambda it: [os.path.join(image_root, it["image"])])
-    image_paths = dict.fromkeys(p for it in items for p in paths_of(it))
-    failures: list[str] = []
-    for image_path in image_paths:
-        try:
-            load_image(image_path)
-        except ImageLoadError as err:
-            failures.append(f"{path}: {err}")
-    logger.info(
-        "%s: %d images checked, %d unreadable", path, len(image_paths), len(failures)
-    )
-    if len(failures) > _MAX_LISTED_IMAGES:
-        rest = len(failures) - _MAX_LISTED_IMAGES
-        failures = [
-            *failures[:_MAX_LISTED_IMAGES],
-            f"{path}: ... and {rest} more unreadable images",
-        ]
-    return failures
-
-
-def _task_files(
-    config: Mapping[str, Any], task: str
-) -> tuple[list[tuple[str, FileCheck]], list[str]]:
-    """(file, how it is read) pairs a task reads, plus problems with the config keys."""
-    problems: list[str] = []
-    pairs: list[tuple[str, Any]] = []
-
-    def files_of(key: str, want_list: bool) -> list[str]:
-        if key not in config:
-            problems.append(f"config: missing key {key!r}")
-            return []
-        value = config[key]
-        if want_list and isinstance(value, str):
-            value = [value]
-        ok = isinstance(value, list) if want_list else isinstance(value, str)
-        if not ok or (want_list and not all(isinstance(v, str) for v in value)):
-            kind = "a list of paths" if want_list else "one path (a string)"
-            problems.append(f"config: {key!r} must be {kind}, got {value!r}")
-            return []
-        return value if want_list else [value]
-
-    if task in ("pretrain", "nlvr_pretrain"):  # Pretrain_nlvr.py reads its data with the pre-training loader
-        pairs += [(f, PRETRAIN_SCHEMA) for f in files_of("train_file", True)]
-    elif task == "retrieval":
-        pairs += [(f, RETRIEVAL_TRAIN_SCHEMA) for f in files_of("train_file", True)]
-        for key in ("val_file", "test_file"):
-            pairs += [(f, RETRIEVAL_EVAL_SCHEMA) for f in files_of(key, False)]
-        if not isinstance(config.get("image_root"), str):
-            problems.append(
-                f"config: 'image_root' must be a string, got {config.get('image_root')!r}"
-            )
-    elif task == "grounding":  # Grounding.py: the ground truth and proposals are checked by task_file_report
-        pairs += [(f, GROUNDING_TRAIN_SCHEMA) for f in files_of("train_file", True)]
-        pairs += [(f, GROUNDING_TEST_SCHEMA) for f in files_of("test_file", True)]
-        if not isinstance(config.get("image_root"), str):
-            problems.append(f"config: 'image_root' must be a string, got {config.get('image_root')!r}")
-    elif task in ("ve", "nlvr", "vqa"):  # an absent or empty split key: no such split
-        from dataset.task_files import file_checks  # it imports the task datasets, which import this module
-
-        checks, found = file_checks(config, task)
-        problems += found
-        for key, check in checks.items():
-            pairs += [(f, check) for f in (files_of(key, True) if config.get(key) else [])]
-    else:
-        raise ValueError(f"unknown task {task!r}; expected 'pretrain', 'retrieval', 'grounding', 've', 'nlvr', "
-                         "'nlvr_pretrain' or 'vqa'")
-    return [(f, c if isinstance(c, FileCheck) else FileCheck(c)) for f, c in pairs], problems
-
-
 def annotation_problems(
     path: str,
     required: Mapping[str, TypeSpec],
@@ -405,79 +329,3 @@ def annotation_problems(
         problems = [*problems[:limit], f"{path}: ... and {len(problems) - limit} more problems "
                                        f"({len(problems)} of {len(data)} items)"]
     return items, problems
-
-
-def task_file_report(
-    config: Mapping[str, Any], task: str, check_images: bool = False, limit: int = 20
-) -> tuple[dict[str, int], list[str]]:
-    """Validate every annotation file of a task (all problems of each file, up to ``limit`` listed).
-
-    Returns the valid items per split (``train``, ``val``, ``test``, from the ``<split>_file`` keys; shard specs
-    are checked but not counted, nor is a split with a file that could not be read) and the problems.
-    """
-    pairs, problems = _task_files(config, task)
-    image_root = config.get("image_root") or ""
-    image_root = image_root if isinstance(image_root, str) else ""
-    split_of = {}
-    for key in ("train_file", "val_file", "test_file"):
-        value = config.get(key)
-        for f in [value] if isinstance(value, str) else value or []:
-            split_of[f] = key[: -len("_file")]
-    sizes: dict[str, int] = {}
-    broken: set[str] = set()
-    dirty: set[str] = set()  # splits with a problem in a file
-    grounding_items: list[dict] = []  # the valid evaluation items of a grounding config
-    for path, check in pairs:
-        schema = check.schema
-        if schema is PRETRAIN_SCHEMA and not path.lower().endswith(".json"):
-            from dataset.shard_io import shard_problems  # a WebDataset shard spec (dataset/shards.py)
-
-            problems += shard_problems(path)
-            continue
-        text_keys = check.text_keys
-        if text_keys is None:
-            text_keys = tuple(k for k in ("caption", "text") if k in schema)  # grounding items carry 'text'
-        items, found = annotation_problems(path, schema, text_keys, limit=limit, item_check=check.item_check)
-        problems += found
-        if schema is GROUNDING_TEST_SCHEMA:
-            grounding_items += items
-        split = split_of.get(path, "train")
-        if found and not items:
-            broken.add(split)  # unreadable or no valid item: reported above, not counted as empty
-        if found:
-            dirty.add(split)
-        sizes[split] = sizes.get(split, 0) + len(items)
-        logger.info("%s: %d valid items, %d problem(s)", path, len(items), len(found))
-        if check_images:
-            problems += _check_images(path, items, image_root, check.image_paths)
-    if task == "grounding":
-        from dataset.grounding_dataset import grounding_file_problems  # it imports this module
-
-        problems += grounding_file_problems(dict(config), grounding_items)
-    elif task == "vqa":  # whole splits: answer list, ground truth, test images (as VQA.py's start-up)
-        from dataset.task_files import split_problems
-
-        problems += split_problems(config, task, {"val", "test"} - dirty)
-    return {split: n for split, n in sizes.items() if split not in broken}, problems
-
-
-def validate_config_files(
-    config: Mapping[str, Any], task: str, check_images: bool = False
-) -> list[str]:
-    """Validate every annotation file a task's config refers to.
-
-    Args:
-        config: the parsed YAML config.
-        task: ``'pretrain'`` (``train_file``), ``'retrieval'`` (``train_file``,
-            ``val_file``, ``test_file`` and ``image_root``) or ``'grounding'`` (``train_file``, ``test_file``,
-            ``image_root``, and ``refcoco_data`` and ``det_file`` covering every test ``ref_id``); ``'ve'``,
-            ``'nlvr'``, ``'vqa'`` (``train_file``, ``val_file``, ``test_file``, read as their datasets read them:
-            ``dataset.task_files``; VQA also ``answer_list``, ``*_answers_file`` and the test images);
-            ``'nlvr_pretrain'`` (as ``'pretrain'``).
-        check_images: also decode every referenced image with :func:`load_image`.
-
-    Returns:
-        Human-readable problems (every problem of each file, see :func:`task_file_report`); an empty list means
-        the data is usable.
-    """
-    return task_file_report(config, task, check_images)[1]

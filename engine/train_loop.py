@@ -48,6 +48,17 @@ def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return _AMP_DTYPES[amp]
 
 
+def _check_step_options(amp: str, device: torch.device, scaler: Any,
+                        nonfinite: str) -> tuple[torch.dtype | None, Any]:
+    """(autocast dtype or None, the scaler when fp16 runs else None); ``ValueError`` for a bad option."""
+    if nonfinite not in ("stop", "skip"):
+        raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+    dtype = _autocast_dtype(amp, device)
+    if dtype is torch.float16 and scaler is None:
+        raise ValueError("amp='fp16' needs a torch.amp.GradScaler (scaler=...)")
+    return dtype, scaler if dtype is torch.float16 else None
+
+
 def _unpack_batch(batch: Any, counter: dict, max_skipped: int, epoch: int, step: int) -> tuple[Any, list[int]]:
     """Strip the trailing dropped-sample count; returns (the fields, None for an empty batch; every rank's rows).
 
@@ -123,13 +134,8 @@ def train_one_epoch(model: torch.nn.Module, loader: Any, optimizer: torch.optim.
     ``metrics``: the accumulator of the epoch's running means (a resumed epoch passes the one
     restored from its checkpoint, so that the returned means cover the whole epoch).
     """
-    if nonfinite not in ("stop", "skip"):
-        raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
     device = torch.device(device)
-    dtype = _autocast_dtype(amp, device)
-    if dtype is torch.float16 and scaler is None:
-        raise ValueError("amp='fp16' needs a torch.amp.GradScaler (scaler=...)")
-    scaler = scaler if dtype is torch.float16 else None
+    dtype, scaler = _check_step_options(amp, device, scaler, nonfinite)
     counter = skip_counter if skip_counter is not None else {}
     counter.setdefault("skipped", 0)
     counter.setdefault("nonfinite", 0)

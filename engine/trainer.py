@@ -4,11 +4,8 @@ evaluate, checkpoint, resume) and ``run_main`` (one-line errors and exit code 2)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import signal
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,31 +16,22 @@ import utils
 from engine import checks, run_state, signals
 from engine.checkpoint_io import (
     CheckpointError,
-    checkpoint_name,
-    link_best,
-    load_checkpoint_file,
-    load_latest_checkpoint,
-    save_checkpoint,
 )
 from engine.config import ConfigError, load_config, save_config
 from engine.distributed import (
     barrier,
-    broadcast_object,
     get_rank,
     get_world_size,
     init_distributed_mode,
     is_dist_initialized,
     is_main_process,
 )
+from engine.epochs import EpochEnd, TrainingRun
 from engine.logs import (
-    MetricAccumulator,
-    append_jsonl,
     count_parameters,
     git_commit,
     log_run_info,
     peak_memory_mb,
-    resume_command,
-    round32,
     setup_logging,
 )
 from engine.train_loop import NonFiniteLossError, SkippedImagesError, train_one_epoch
@@ -144,11 +132,6 @@ def check_itm_batch(batch_size: int, key: str) -> None:
         raise ConfigError(f"{key} is {batch_size}: ITM hard negatives need at least 2 samples per process batch")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)  # DDP
-
-
 def wrap_model(model: torch.nn.Module, config: dict, device: torch.device) -> torch.nn.Module:
     """DDP (``broadcast_buffers=False``: queues are identical on every rank by construction) and compile."""
     if is_dist_initialized():
@@ -164,60 +147,41 @@ def wrap_model(model: torch.nn.Module, config: dict, device: torch.device) -> to
     return model
 
 
-def _training_state(model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any, config: dict,
-                    epoch: int, step: int | None, extra: dict) -> dict:
-    return {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-            "config": config, "epoch": epoch, "step": step, "rng": utils.get_rng_state(), **extra}
-
-
-def _resume(args: argparse.Namespace, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-            scaler: Any, config: dict | None = None) -> tuple[int, int, dict]:
-    """Restore a checkpoint; returns (start epoch, start step, saved extras). A config that differs from the
-    checkpoint's is logged key by key; model sizes cannot change (``ConfigError``)."""
-    if args.resume == "latest":
-        found = load_latest_checkpoint(args.output_dir)
-        if found is None:
-            logger.info("--resume: no checkpoint in %s yet, starting from scratch", args.output_dir)
-            return 0, 0, {}
-        state, path = found
-    else:
-        state, path = load_checkpoint_file(args.resume), args.resume
-    if config is not None:
-        run_state.check_resume_config(state.get("config"), config, path)
-    lacking = [k for k in ("model", "optimizer", "lr_scheduler", "epoch") if k not in state]
-    if lacking:
-        raise CheckpointError(f"cannot resume from {path}: it holds no {', '.join(map(repr, lacking))} (keys: "
-                              f"{', '.join(map(str, list(state)[:8])) or 'none'}); start a new run from its weights "
-                              "with --checkpoint instead")
-    from models.checkpoint import load_exact
-
-    load_exact(model, state["model"], path)  # another model size or task: one line naming the tensors
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["lr_scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    if state.get("rng") is not None:
-        utils.set_rng_state(state["rng"])
-    step = state.get("step")
-    epoch, step = (state["epoch"] + 1, 0) if step is None else (state["epoch"], step)
-    logger.info("resumed from %s: epoch %d, iteration %d", path, epoch, step)
-    return epoch, step, state.get("extra", {})
-
-
 def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, args: argparse.Namespace,
         device: torch.device, evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
         score: str | None = None) -> dict:
     """The shared training driver of every task script.
 
     Optimizer, scheduler and scaler from the config; ``--resume`` (exact, mid-epoch included) or
-    ``--checkpoint`` weights; per epoch: ``train_one_epoch``, optional ``evaluate(model, epoch)`` returning a
-    dict of JSON-serialisable metrics (accuracies, retrieval recalls, result-file paths), an atomic
-    checkpoint and one JSON line in ``log.txt``. ``score`` names the metric of that dict (higher is better)
-    that picks ``checkpoint_best.pth``; the log line repeats its value as ``score``. Raises ``KeyError``
+    ``--checkpoint`` weights; per epoch: ``train_one_epoch``, an atomic checkpoint, optional
+    ``evaluate(model, epoch)`` returning a dict of JSON-serialisable metrics (accuracies, retrieval recalls,
+    result-file paths) and one JSON line in ``log.txt``. ``score`` names the metric of that dict (higher is
+    better) that picks ``checkpoint_best.pth``; the log line repeats its value as ``score``. Raises ``KeyError``
     naming the metrics when the evaluator does not return it. Returns the last log record.
     """
-    from dataset.sampler import plan_epoch
+    run = _start_run(model, config, args, device)
+    logger.info("parameters: %d in all, %d trainable", *count_parameters(model))
+    train_model = wrap_model(model, config, device)
+    finish = EpochEnd(model, args, run.extra, evaluate, score)
+    record = finish.after_resume(run.start_epoch, run.start_step)
+    epochs = config["schedular"]["epochs"]
+    if run.start_epoch >= epochs:
+        logger.info("the run in %s is complete (%d of %d epochs): nothing left to train", args.output_dir,
+                    run.start_epoch, epochs)
+        return record
+    with signals.deferred():
+        for epoch in range(run.start_epoch, epochs):
+            path = _train_epoch(run, train_model, loader, step_fn, epoch, device)
+            if signals.stop_requested():
+                raise signals.RunInterrupted(run.stop_message(path, epoch, None))
+            record = finish(epoch, run.extra["record"], path)
+            run.new_epoch()
+    return record
+
+
+def _start_run(model: torch.nn.Module, config: dict, args: argparse.Namespace,
+               device: torch.device) -> TrainingRun:
+    """Optimizer, scheduler and fp16 scaler from the config, then ``--resume`` and/or ``--checkpoint``."""
     from models.checkpoint import load_weights
     from models.checkpoint_info import checkpoint_meta
     from optim import create_optimizer
@@ -230,133 +194,39 @@ def fit(model: torch.nn.Module, loader: Any, step_fn: Callable, config: dict, ar
     scheduler = create_scheduler(config["schedular"], optimizer)
     use_fp16 = config["amp"] == "fp16" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_fp16 else None
-    start_epoch, start_step, extra = 0, 0, {"best": None, "skipped": 0}
+    run = TrainingRun(model, optimizer, scheduler, scaler, config, args, meta)
     if args.resume:
-        start_epoch, start_step, saved = _resume(args, model, optimizer, scheduler, scaler, config)
-        extra.update(saved)
-    if args.checkpoint and (not args.resume or (start_epoch, start_step) == (0, 0)):
+        run.resume()
+    if args.checkpoint and (not args.resume or (run.start_epoch, run.start_step) == (0, 0)):
         load_weights(model, args.checkpoint)  # --resume with no checkpoint yet starts from --checkpoint
-    logger.info("parameters: %d in all, %d trainable", *count_parameters(model))
-    train_model = wrap_model(model, config, device)
-    counter = {"skipped": extra["skipped"], "nonfinite": 0}
-    epochs = config["schedular"]["epochs"]
-    finish = _EpochEnd(model, args, extra, evaluate, score)
-    record = finish.after_resume(start_epoch, start_step)
-    if start_epoch >= epochs:
-        logger.info("the run in %s is complete (%d of %d epochs): nothing left to train", args.output_dir,
-                    start_epoch, epochs)
-        return record
-    metrics = MetricAccumulator()  # the epoch's running sums: a mid-epoch checkpoint carries them
-    if start_step and extra.get("metrics"):
-        metrics.load_state_dict(extra["metrics"])
-    clock = {"start": time.perf_counter(), "before": extra.get("train_seconds") or 0.0 if start_step else 0.0}
-
-    def save(epoch: int, step: int | None) -> str:
-        extra["position"] = None if step is None else plan.position(step)  # global samples consumed
-        extra["skipped"] = counter["skipped"]
-        extra["metrics"] = None if step is None else metrics.state_dict()
-        extra["train_seconds"] = None if step is None else clock["before"] + time.perf_counter() - clock["start"]
-        state = _training_state(model, optimizer, scheduler, scaler, config, epoch, step,
-                                {"extra": extra, "meta": meta})
-        path = save_checkpoint(state, args.output_dir, checkpoint_name(epoch, step), config["keep_last"])
-        barrier()  # no rank moves on (or exits after a stop) while rank 0 is still writing
-        return path
-
-    def checkpoint_mid_epoch(epoch: int, step: int) -> None:
-        if step >= steps_per_epoch:
-            return  # the epoch's own checkpoint follows
-        every = config["save_every"]
-        path = save(epoch, step) if every > 0 and step % every == 0 else None
-        if signals.stop_requested():
-            raise signals.RunInterrupted(_stop_message(args, path or save(epoch, step), epoch, step))
-
-    with signals.deferred():
-        for epoch in range(start_epoch, epochs):
-            # continue from the checkpoint's sample under any batch size and process count (or one clear error)
-            plan = plan_epoch(loader, epoch, start_step, extra.get("position"), get_world_size())
-            steps_per_epoch = plan.steps
-            extra.setdefault("global_step", epoch * plan.steps)  # optimizer steps before this epoch
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            stats = train_one_epoch(
-                train_model, loader, optimizer, scheduler, epoch, step_fn, device=device, alpha=config["alpha"],
-                warm_up=config["warm_up"], amp=config["amp"], scaler=scaler, grad_clip=config["grad_clip"],
-                start_step=start_step, on_step=checkpoint_mid_epoch, nonfinite=config["nonfinite"],
-                max_skipped=config["max_skipped_images"], skip_counter=counter, log_every=config["log_every"],
-                metrics=metrics, step_offset=extra["global_step"],
-                epoch_fraction=plan.fraction if start_step else None)
-            start_step, extra["global_step"] = 0, extra["global_step"] + plan.steps
-            seconds = clock["before"] + time.perf_counter() - clock["start"]
-            extra["record"] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
-                               "skipped_images": counter["skipped"], "epoch_seconds": seconds,
-                               "samples_per_s": plan.samples_at(plan.steps) / max(seconds, 1e-9),
-                               "peak_mem_mb": peak_memory_mb(device)}
-            path = save(epoch, None)  # before evaluation: a failing evaluation cannot lose the epoch
-            if signals.stop_requested():
-                raise signals.RunInterrupted(_stop_message(args, path, epoch, None))
-            record = finish(epoch, extra["record"], path)
-            metrics, clock = MetricAccumulator(), {"start": time.perf_counter(), "before": 0.0}
-    return record
+    return run
 
 
-def _stop_message(args: argparse.Namespace, path: str, epoch: int, step: int | None) -> str:
-    where = f"at epoch {epoch}, iteration {step}" if step is not None else f"after epoch {epoch} (its evaluation " \
-        "runs on resume)"
-    return f"stopped by {signals.requested_signal()} {where}; saved {path}; resume with: {resume_command(args)}"
+def _train_epoch(run: TrainingRun, train_model: torch.nn.Module, loader: Any, step_fn: Callable, epoch: int,
+                 device: torch.device) -> str:
+    """One epoch of ``train_one_epoch`` and its checkpoint (written before evaluation: a failing evaluation
+    cannot lose the epoch); the training record goes to ``run.extra['record']``. Returns the checkpoint path."""
+    from dataset.sampler import plan_epoch
 
-
-class _EpochEnd:
-    """What follows an epoch's checkpoint: evaluation (a signal stops it at once; the training random streams are
-    left as they were), the ``checkpoint_best.pth`` link, and the epoch's ``log.txt`` line."""
-
-    def __init__(self, model: torch.nn.Module, args: argparse.Namespace, extra: dict,
-                 evaluate: Callable[[torch.nn.Module, int], dict] | None, score: str | None) -> None:
-        self.model, self.args, self.extra, self.evaluate, self.score = model, args, extra, evaluate, score
-        self.log_path = os.path.join(args.output_dir, "log.txt")
-
-    def after_resume(self, start_epoch: int, start_step: int) -> dict:
-        """Recover the best score from ``log.txt``, evaluate and log an epoch whose checkpoint was written but
-        whose line was not (a stop or crash in evaluation); returns the last epoch's record ({} if none)."""
-        logged = broadcast_object(run_state.logged_epochs(self.log_path) if is_main_process() else None)
-        logged = {e: r for e, r in logged.items() if e < start_epoch}
-        best, best_epoch = run_state.best_in_log(logged)
-        if best is not None:
-            self.extra["best"], self.extra["best_epoch"] = best, best_epoch
-        last = start_epoch - 1
-        pending = self.extra.get("record")
-        if start_step == 0 and last >= 0 and last not in logged and pending and pending.get("epoch") == last:
-            logger.info("epoch %d was saved but not evaluated and logged: doing it now", last)
-            return self(last, pending, os.path.join(self.args.output_dir, checkpoint_name(last)))
-        return logged[max(logged)] if logged else {}
-
-    def __call__(self, epoch: int, record: dict, path: str) -> dict:
-        record = dict(record)
-        if self.evaluate is not None:
-            rng, start = utils.get_rng_state(), time.perf_counter()
-            try:
-                with signals.immediate():
-                    record.update(self.evaluate(_unwrap(self.model), epoch))
-            except signals.ForcedStop as stop:
-                raise signals.RunInterrupted(
-                    f"stopped by {signal.Signals(stop.signum).name} during the evaluation of epoch {epoch}; {path} "
-                    f"was saved before it; resume (the evaluation runs first) with: {resume_command(self.args)}"
-                ) from None
-            utils.set_rng_state(rng)
-            record["eval_seconds"] = time.perf_counter() - start
-        if self.score is not None:
-            if self.score not in record:
-                raise KeyError(f"the evaluator returned no {self.score!r} (it returned {sorted(record)})")
-            record["score"] = record[self.score]
-            if self.extra.get("best") is None or record["score"] > self.extra["best"]:
-                self.extra["best"], self.extra["best_epoch"] = record["score"], epoch
-                if os.path.isfile(path):
-                    link_best(self.args.output_dir, os.path.basename(path))
-            record["best_epoch"] = self.extra["best_epoch"]
-        record = round32(record)
-        append_jsonl(self.log_path, record)
-        logger.info("epoch %d: %s", epoch, json.dumps(record))
-        barrier()
-        return record
+    config, extra, start_step = run.config, run.extra, run.start_step
+    # continue from the checkpoint's sample under any batch size and process count (or one clear error)
+    run.plan = plan = plan_epoch(loader, epoch, start_step, extra.get("position"), get_world_size())
+    extra.setdefault("global_step", epoch * plan.steps)  # optimizer steps before this epoch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = train_one_epoch(
+        train_model, loader, run.optimizer, run.scheduler, epoch, step_fn, device=device, alpha=config["alpha"],
+        warm_up=config["warm_up"], amp=config["amp"], scaler=run.scaler, grad_clip=config["grad_clip"],
+        start_step=start_step, on_step=run.on_step, nonfinite=config["nonfinite"],
+        max_skipped=config["max_skipped_images"], skip_counter=run.counter, log_every=config["log_every"],
+        metrics=run.metrics, step_offset=extra["global_step"], epoch_fraction=plan.fraction if start_step else None)
+    run.start_step, extra["global_step"] = 0, extra["global_step"] + plan.steps
+    seconds = run.seconds()
+    extra["record"] = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
+                       "skipped_images": run.counter["skipped"], "epoch_seconds": seconds,
+                       "samples_per_s": plan.samples_at(plan.steps) / max(seconds, 1e-9),
+                       "peak_mem_mb": peak_memory_mb(device)}
+    return run.save(epoch, None)
 
 
 def _ensure_log_handlers() -> None:

@@ -120,7 +120,7 @@ def _all_in(config: dict, folder: Path) -> bool:
 
 def data_problems(task: str, config: dict, args: argparse.Namespace) -> list[str]:
     """Every problem of the task's annotation files, then the split sizes against the batch size."""
-    from dataset.validate import task_file_report
+    from dataset.task_files import task_file_report
 
     if task not in FILE_TASKS:
         logger.info("task %s: its annotation files are checked when the script starts", task)

@@ -24,7 +24,7 @@ if ROOT not in sys.path:
 
 import Pretrain  # noqa: E402
 from dataset import build_transform  # noqa: E402
-from engine import trainer  # noqa: E402
+from engine import epochs, trainer  # noqa: E402
 
 ITC_ONLY = ("vision_proj.weight", "text_proj.weight", "temp")
 
@@ -36,7 +36,7 @@ def deterministic_transform(kind: str, image_res: int, **_: object) -> Callable:
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The feature queues and their pointer of the (unwrapped) model, copied to the CPU."""
-    state = trainer._unwrap(model).state_dict()
+    state = epochs.unwrap(model).state_dict()
     keys = ("image_queue", "text_queue", "queue_ptr")
     return {k: state[k].detach().cpu().clone() for k in keys}
 
@@ -48,7 +48,7 @@ def probing(make_step_fn: Callable, records: list[dict]) -> Callable:
         step = make_step_fn(tokenizer, config, device)
 
         def probed(model: torch.nn.Module, batch: tuple, alpha: float, global_step: int) -> dict[str, torch.Tensor]:
-            params = dict(trainer._unwrap(model).named_parameters())
+            params = dict(epochs.unwrap(model).named_parameters())
             before = {k: params[k].detach().cpu().clone() for k in ITC_ONLY}
             losses = step(model, batch, alpha, global_step)
             image, captions = batch

@@ -21,7 +21,7 @@ from torch import Tensor
 import models.albef
 import models.model_pretrain
 from conftest import tiny_albef, tiny_bert
-from engine import trainer
+from engine import epochs, trainer
 from models.model_pretrain import ALBEFPretrain
 from optim import create_optimizer
 from scripts.reference_step import _draw_negatives, bert_forward, reference_forward, reference_train_step, vit_forward
@@ -241,7 +241,7 @@ def test_compiled_step_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None
     backend = "inductor" if shutil.which("g++") or shutil.which("c++") else "aot_eager"
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     compiled = trainer.wrap_model(fast, {"compile": True}, torch.device("cpu"))
-    assert compiled is not fast and trainer._unwrap(compiled) is fast
+    assert compiled is not fast and epochs.unwrap(compiled) is fast
     try:
         batch = make_batch()
         out = fast_step(compiled, batch)

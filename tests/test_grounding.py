@@ -36,9 +36,9 @@ from dataset.grounding_eval import (
     proposal_stats,
     upsample_map,
 )
+from dataset.task_files import validate_config_files
 from dataset.toy_world import ensure_toy_world
 from dataset.transforms import build_transform
-from dataset.validate import validate_config_files
 from models.albef import ALBEFConfig
 from models.gradcam import answer_gradcam, default_block, gradcam
 from models.model_retrieval import ALBEFRetrieval

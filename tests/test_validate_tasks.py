@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from dataset.nlvr_dataset import NLVRDataset
-from dataset.validate import DataError, task_file_report, validate_config_files
+from dataset.task_files import task_file_report, validate_config_files
+from dataset.validate import DataError
 from dataset.ve_dataset import VEDataset
 from dataset.vqa_dataset import VQATestDataset
 from scripts.validate_data import main as validate_main
