@@ -21,9 +21,7 @@ the official ``refer`` folder (``<refcoco_data>/refcoco+/refs(unc).p`` + ``insta
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -185,20 +183,6 @@ def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device)
     return evaluate
 
 
-def write_results(output_dir: str, results: dict) -> None:
-    """Write ``result/grounding_metrics.json`` (rank 0); ``--evaluate`` results also make the one line of
-    ``log.txt`` (a training run's ``log.txt`` keeps one line per epoch, all of one shape)."""
-    from engine import distributed, logs
-
-    if results.get("mode") == "evaluate":
-        logs.append_jsonl(os.path.join(output_dir, "log.txt"), results)
-    if distributed.is_main_process():
-        os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
-        with open(os.path.join(output_dir, "result", "grounding_metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-    logger.info("grounding results: %s", json.dumps(results))
-
-
 # ----------------------------------------------------------------------------- runs
 def run_training(model: ALBEFRetrieval, args: Any, config: dict, evaluate: Callable, tokenizer: TextTokenizer,
                  device: torch.device) -> dict:
@@ -229,7 +213,7 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, evaluate: Calla
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate; returns the results written to ``grounding_metrics.json``."""
     args = parse_args(argv)
-    from engine import distributed, trainer
+    from engine import distributed, task_run, trainer
     from models.albef import ALBEFConfig
     from models.checkpoint import load_weights
     from models.model_retrieval import ALBEFRetrieval
@@ -249,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "block_num": config["block_num"], **evaluate(model.to(device))}
     else:
         results = run_training(model, args, config, evaluate, tokenizer, device)
-    write_results(args.output_dir, results)
+    task_run.write_results(args.output_dir, results, "grounding", flatten=None, round_floats=False)
     distributed.barrier()
     return results
 

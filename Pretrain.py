@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-from engine.config import COMMON_DEFAULTS, get_parser
+from engine.config import COMMON_DEFAULTS, PRETRAIN_DATA_DEFAULTS, get_parser
 
 if TYPE_CHECKING:  # torch, the models and the data are imported inside the functions: --help stays fast
     import torch
@@ -23,13 +23,7 @@ logger = logging.getLogger("albef.pretrain")
 # Every accepted key with its default; this dict is the schema (unknown keys are rejected).
 DEFAULTS: dict[str, Any] = {
     **COMMON_DEFAULTS,
-    "train_file": [],  # JSON files of {image: path, caption: str | [str]} and/or WebDataset shard specs
-    "image_root": "",  # joined with relative image paths (official files hold absolute ones)
-    # shards only (dataset.shard_io.SHARD_DEFAULTS, written out here so that --help needs no dataset import):
-    "train_num_samples": 0,  # samples per epoch over all ranks; 0: every shard sample and JSON item once
-    "shuffle_buffer": 1000,  # samples each loader worker shuffles together (raw bytes in memory)
-    "image_res": 256,
-    "embed_dim": 256,
+    **PRETRAIN_DATA_DEFAULTS,
     "batch_size": 64,  # per GPU
     "temp": 0.07,
     "mlm_probability": 0.15,

@@ -15,9 +15,7 @@ metrics included) or, with ``--evaluate``, one line of val and test metrics; all
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -136,27 +134,6 @@ def eval_datasets(config: dict) -> dict[str, RetrievalEvalDataset]:
     return splits
 
 
-def prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
-    return {f"{split}_{k}": v for k, v in metrics.items()}
-
-
-def write_results(output_dir: str, results: dict) -> None:
-    """Write ``result/retrieval_metrics.json`` (rank 0); ``--evaluate`` results also make the one line of
-    ``log.txt`` (a training run's ``log.txt`` keeps one line per epoch, all of one shape)."""
-    from engine import distributed, logs
-
-    line = {k: v for k, v in results.items() if not isinstance(v, dict)}
-    for split in ("val", "test"):
-        line.update(prefixed(split, results.get(split, {})))
-    if results.get("mode") == "evaluate":
-        logs.append_jsonl(os.path.join(output_dir, "log.txt"), line)
-    if distributed.is_main_process():
-        os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
-        with open(os.path.join(output_dir, "result", "retrieval_metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-    logger.info("retrieval results: %s", json.dumps(line))
-
-
 def run_evaluation(model: ALBEFRetrieval, args: Any, splits: dict, evaluate: Callable,
                    device: torch.device) -> dict:
     """``--evaluate``: the ``--checkpoint`` weights on val and test."""
@@ -184,7 +161,7 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, splits: dict, e
                  tokenizer: TextTokenizer, device: torch.device) -> dict:
     """Fine-tune with ``trainer.fit`` (val each epoch), then evaluate the best checkpoint on test."""
     from dataset import RetrievalTrainDataset, build_transform, create_loader
-    from engine import checkpoint_io, checks, distributed, trainer
+    from engine import checks, distributed, task_run, trainer
 
     trainer.check_itm_batch(config["batch_size_train"], "batch_size_train")
     transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
@@ -195,34 +172,15 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, splits: dict, e
     loader = create_loader(dataset, config["batch_size_train"], config["num_workers"], shuffle=True,
                            seed=args.seed, drop_last=True, rank=distributed.get_rank(),
                            world_size=distributed.get_world_size())
-    history: dict[int, dict[str, float]] = {}
-
-    def evaluate_val(m: torch.nn.Module, epoch: int) -> dict:
-        if "val" not in splits:
-            return {}
-        history[epoch] = evaluate(m, splits["val"])
-        return prefixed("val", history[epoch])
-
-    record = trainer.fit(model, loader, make_step_fn(tokenizer, config, device), config, args, device, evaluate_val,
-                         score="val_r_mean" if "val" in splits else None)
-    results: dict = {"mode": "train", "checkpoint": args.checkpoint, "last_epoch": record.get("epoch")}
-    best = os.path.join(args.output_dir, "checkpoint_best.pth")
-    if os.path.isfile(best):
-        state = checkpoint_io.load_checkpoint_file(best)
-        model.load_state_dict(state["model"])
-        results.update(best_epoch=state["epoch"], evaluated="checkpoint_best.pth")
-        val = history.get(state["epoch"])
-        results["val"] = val if val is not None else evaluate(model, splits["val"])
-    if "test" in splits:
-        results["test"] = evaluate(model, splits["test"])
-    return results
+    return task_run.fit_and_test(model, loader, make_step_fn(tokenizer, config, device), config, args, device,
+                                 splits, lambda m, split, epoch: evaluate(m, splits[split]), "r_mean")
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or evaluate; returns the results written to ``retrieval_metrics.json``."""
     parser = get_parser(__doc__)
     args = parser.parse_args(argv)
-    from engine import checks, distributed, trainer
+    from engine import checks, distributed, task_run, trainer
     from models.albef import ALBEFConfig
     from models.model_retrieval import ALBEFRetrieval
     from models.tokenizer import TextTokenizer
@@ -241,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = run_evaluation(model, args, splits, evaluate, device)
     else:
         results = run_training(model, args, config, splits, evaluate, tokenizer, device)
-    write_results(args.output_dir, results)
+    task_run.write_results(args.output_dir, results, "retrieval", round_floats=False)
     distributed.barrier()
     return results
 

@@ -17,9 +17,7 @@ The shared classification glue below (step function, evaluator, training and eva
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -132,23 +130,6 @@ def flat_metrics(split: str, metrics: dict) -> dict[str, float]:
     return out
 
 
-def write_results(output_dir: str, results: dict, name: str) -> None:
-    """Write ``result/<name>_metrics.json`` (rank 0); ``--evaluate`` results also make the one line of ``log.txt``
-    (a training run's ``log.txt`` keeps one line per epoch, all of one shape)."""
-    from engine import distributed, logs
-
-    line = {k: v for k, v in results.items() if not isinstance(v, dict)}
-    for split in ("val", "test"):
-        line.update(flat_metrics(split, results.get(split, {})))
-    if results.get("mode") == "evaluate":
-        logs.append_jsonl(os.path.join(output_dir, "log.txt"), line)
-    if distributed.is_main_process():
-        os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
-        with open(os.path.join(output_dir, "result", f"{name}_metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(logs.round32(results), f, indent=2)
-    logger.info("%s results: %s", name, json.dumps(logs.round32(line)))
-
-
 def run_evaluation(model: torch.nn.Module, args: argparse.Namespace, splits: dict, evaluate: Callable,
                    device: torch.device) -> dict:
     """``--evaluate``: the ``--checkpoint`` weights on val and test."""
@@ -186,32 +167,14 @@ def run_training(model: torch.nn.Module, args: argparse.Namespace, config: dict,
                  evaluate: Callable, step_fn: Callable, batch_size: int, device: torch.device) -> dict:
     """Fine-tune with ``trainer.fit`` (val each epoch, best on ``val_acc``), then evaluate the best on test."""
     from dataset import create_loader
-    from engine import checkpoint_io, distributed, trainer
+    from engine import distributed, task_run
 
     loader = create_loader(train_set, batch_size, config["num_workers"], shuffle=True, seed=args.seed,
                            drop_last=True, rank=distributed.get_rank(), world_size=distributed.get_world_size())
-    history: dict[int, dict] = {}
-
-    def evaluate_val(m: torch.nn.Module, epoch: int) -> dict:
-        if "val" not in splits:
-            return {}
-        history[epoch] = evaluate(m, splits["val"])
-        return flat_metrics("val", history[epoch])
-
     fit_args = load_initial_weights(model, args, config)
-    record = trainer.fit(model, loader, step_fn, config, fit_args, device, evaluate_val,
-                         score="val_acc" if "val" in splits else None)
-    results: dict = {"mode": "train", "checkpoint": args.checkpoint, "last_epoch": record.get("epoch")}
-    best = os.path.join(args.output_dir, "checkpoint_best.pth")
-    if os.path.isfile(best):
-        state = checkpoint_io.load_checkpoint_file(best)
-        model.load_state_dict(state["model"])
-        results.update(best_epoch=state["epoch"], evaluated="checkpoint_best.pth")
-        if "val" in splits:
-            results["val"] = history.get(state["epoch"]) or evaluate(model, splits["val"])
-    if "test" in splits:
-        results["test"] = evaluate(model, splits["test"])
-    return results
+    results = task_run.fit_and_test(model, loader, step_fn, config, fit_args, device, splits,
+                                    lambda m, split, epoch: evaluate(m, splits[split]), "acc", flat_metrics)
+    return {**results, "checkpoint": args.checkpoint}
 
 
 def run_classifier_task(args: argparse.Namespace, defaults: dict, model_cls: type, dataset_cls: type,
@@ -223,7 +186,7 @@ def run_classifier_task(args: argparse.Namespace, defaults: dict, model_cls: typ
     config keys of the training and evaluation batch sizes. Returns the results written.
     """
     from dataset import build_transform  # here, not above: --help stays fast
-    from engine import distributed, trainer
+    from engine import distributed, task_run, trainer
     from models.albef import ALBEFConfig
     from models.tokenizer import TextTokenizer
 
@@ -245,7 +208,7 @@ def run_classifier_task(args: argparse.Namespace, defaults: dict, model_cls: typ
         logger.info("%d training %s", len(train_set), noun)
         results = run_training(model, args, config, train_set, splits, evaluate,
                                make_step_fn(tokenizer, config, device), config[batch_keys[0]], device)
-    write_results(args.output_dir, results, name)
+    task_run.write_results(args.output_dir, results, name, flat_metrics)
     distributed.barrier()
     return results
 

@@ -220,7 +220,7 @@ def run_training(model: ALBEFVQA, args: Any, config: dict, splits: dict, evaluat
     """Fine-tune with ``trainer.fit`` (val each epoch when configured), then answer test with the best (or last)
     epoch's weights: ``vqa_result_epoch{E}.json``."""
     from dataset import VQATrainDataset, build_transform, create_loader, vqa_collate
-    from engine import checkpoint_io, distributed, trainer
+    from engine import distributed, task_run
 
     transform = build_transform("train", config["image_res"], crop_scale=tuple(config["crop_scale"]),
                                 randaug=config["randaug"])
@@ -230,53 +230,21 @@ def run_training(model: ALBEFVQA, args: Any, config: dict, splits: dict, evaluat
     loader = create_loader(train_set, config["batch_size_train"], config["num_workers"], shuffle=True, seed=args.seed,
                            drop_last=True, rank=distributed.get_rank(), world_size=distributed.get_world_size(),
                            collate_fn=vqa_collate)
-    history: dict[int, dict] = {}
 
-    def evaluate_val(m: torch.nn.Module, epoch: int) -> dict:
-        if "val" not in splits:
-            return {}
-        history[epoch] = evaluate(m, splits["val"], f"vqa_val_result_epoch{epoch}")
-        return flat_metrics("val", history[epoch])
+    def evaluate_split(m: torch.nn.Module, split: str, epoch: int | None) -> dict:
+        return evaluate(m, splits[split], f"vqa{'_val' if split == 'val' else ''}_result_epoch{epoch}")
 
     step = make_step_fn(tokenizer, config, device, evaluate.max_tokens)
-    record = trainer.fit(model, loader, step, config, args, device, evaluate_val,
-                         score="val_acc" if "val" in splits else None)
-    epoch = record.get("epoch")
-    results: dict = {"mode": "train", "checkpoint": args.checkpoint, "last_epoch": epoch,
-                     "out_of_list_answers": train_set.out_of_list}
-    best = os.path.join(args.output_dir, "checkpoint_best.pth")
-    if "val" in splits and os.path.isfile(best):
-        state = checkpoint_io.load_checkpoint_file(best)
-        model.load_state_dict(state["model"])
-        epoch = state["epoch"]
-        results.update(best_epoch=epoch, evaluated="checkpoint_best.pth", val=history.get(epoch) or evaluate(
-            model, splits["val"], f"vqa_val_result_epoch{epoch}"))
-    if "test" in splits:
-        results["test"] = evaluate(model, splits["test"], f"vqa_result_epoch{epoch}")
-    return results
-
-
-def write_results(output_dir: str, results: dict) -> None:
-    """``result/vqa_metrics.json`` (rank 0); ``--evaluate`` results also make the one line of ``log.txt``."""
-    from engine import distributed, logs
-
-    line = {k: v for k, v in results.items() if not isinstance(v, dict)}
-    for split in ("val", "test"):
-        line.update(flat_metrics(split, results.get(split, {})))
-    if results.get("mode") == "evaluate":
-        logs.append_jsonl(os.path.join(output_dir, "log.txt"), line)
-    if distributed.is_main_process():
-        os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
-        with open(os.path.join(output_dir, "result", "vqa_metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(logs.round32(results), f, indent=2)
-    logger.info("vqa results: %s", json.dumps(logs.round32(line)))
+    results = task_run.fit_and_test(model, loader, step, config, args, device, splits, evaluate_split, "acc",
+                                    flat_metrics)
+    return {**results, "out_of_list_answers": train_set.out_of_list}
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Fine-tune and/or answer; returns the results written to ``result/vqa_metrics.json``."""
     args = get_parser(__doc__).parse_args(argv)
     from dataset import load_answer_list
-    from engine import checks, distributed, trainer
+    from engine import checks, distributed, task_run, trainer
     from models.albef import ALBEFConfig
     from models.model_vqa import ALBEFVQA
     from models.tokenizer import TextTokenizer
@@ -295,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = run_evaluation(model, args, splits, evaluate, device)
     else:
         results = run_training(model, args, config, splits, evaluate, tokenizer, device)
-    write_results(args.output_dir, results)
+    task_run.write_results(args.output_dir, results, "vqa", flat_metrics)
     distributed.barrier()
     return results
 

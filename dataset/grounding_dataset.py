@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from dataset.caption import pre_caption
 from dataset.image_io import SafeImageLoader
+from dataset.retrieval_dataset import RetrievalTrainDataset
 from dataset.validate import (
     GROUNDING_TEST_SCHEMA,
     GROUNDING_TRAIN_SCHEMA,
@@ -187,28 +188,17 @@ def image_key(path: str) -> str:
     return path.split("/")[-1]
 
 
-class GroundingTrainDataset(Dataset):
-    """``(image (3, R, R), cleaned text, image index)``; images with the same file name share an index."""
+class GroundingTrainDataset(RetrievalTrainDataset):
+    """``(image (3, R, R), cleaned text, image index)`` per ``{image, text}`` expression: the retrieval training
+    data with ``text`` for ``caption`` and the image's file name for ``image_id`` (official: images with the same
+    file name share an index)."""
 
-    def __init__(self, ann_files: str | Sequence[str], transform: Callable, image_root: str,
-                 max_words: int = 30) -> None:
-        self.ann = load_annotation_files(ann_files, GROUNDING_TRAIN_SCHEMA, text_keys=("text",))
-        self.image_root = image_root
-        self.max_words = max_words
-        self.img_ids: dict[str, int] = {}
-        for ann in self.ann:
-            self.img_ids.setdefault(image_key(ann["image"]), len(self.img_ids))
-        self._loader = SafeImageLoader(transform)
+    SCHEMA = GROUNDING_TRAIN_SCHEMA
+    TEXT_KEY = "text"
 
-    def __len__(self) -> int:
-        return len(self.ann)
-
-    def __getitem__(self, index: int) -> tuple[Any, str, int] | None:
-        ann = self.ann[index]
-        image = self._loader(os.path.join(self.image_root, ann["image"]))
-        if image is None:
-            return None
-        return image, pre_caption(ann["text"], self.max_words), self.img_ids[image_key(ann["image"])]
+    @staticmethod
+    def image_id_of(ann: dict) -> str:
+        return image_key(ann["image"])
 
 
 class GroundingEvalDataset(Dataset):

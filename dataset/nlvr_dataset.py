@@ -8,14 +8,11 @@ or a JSON boolean -> 1 / 0. The official code maps anything but ``"True"`` to 0;
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from dataset.caption import pre_caption
-from dataset.image_io import SafeImageLoader
-from dataset.validate import DataError, load_annotations
+from dataset.labelled_dataset import LabelledDataset
+from dataset.validate import DataError
 
 NLVR_SCHEMA: dict[str, type | tuple[type, ...]] = {"images": list, "sentence": str, "label": (str, bool)}
 _NLVR_LABELS: dict[Any, int] = {"True": 1, "False": 0}
@@ -42,35 +39,13 @@ def nlvr_item_label(item: dict, where: str) -> int:
     return nlvr_label(item["label"], where)
 
 
-class NLVRDataset(Dataset):
-    """(image 1, image 2, sentence, label) items; every file and label is checked when the dataset is built.
+class NLVRDataset(LabelledDataset):
+    """(image 1, image 2, sentence, label) items; every file and label is checked when the dataset is built
+    (arguments: :class:`~dataset.labelled_dataset.LabelledDataset`; ``ann_files``: official, a list; the transform
+    is applied to each image separately)."""
 
-    Args:
-        ann_files: JSON annotation files (official: a list; a single path is accepted too).
-        transform: callable mapping an RGB PIL image to a tensor (applied to each image separately).
-        image_root: folder the image paths are relative to.
-        max_words: words kept by :func:`pre_caption`.
-    """
-
-    def __init__(self, ann_files: str | Sequence[str], transform: Callable, image_root: str,
-                 max_words: int = 30) -> None:
-        self.ann: list[dict] = []
-        self.labels: list[int] = []
-        for path in [ann_files] if isinstance(ann_files, str) else ann_files:
-            items = load_annotations(path, NLVR_SCHEMA, text_keys=("sentence",))
-            self.labels += [nlvr_item_label(item, f"{path}, item {i}") for i, item in enumerate(items)]
-            self.ann += items
-        self.image_root = image_root
-        self.max_words = max_words
-        self._loader = SafeImageLoader(transform)
-
-    @property
-    def num_skipped(self) -> int:
-        """Fetches that returned ``None`` because an image was unreadable."""
-        return self._loader.num_skipped
-
-    def __len__(self) -> int:
-        return len(self.ann)
+    SCHEMA = NLVR_SCHEMA
+    label_of = staticmethod(nlvr_item_label)
 
     def __getitem__(self, index: int) -> tuple[Any, Any, str, int] | None:
         """Return ``(image0 (3, H, W), image1 (3, H, W), sentence, label)`` or ``None`` if an image is unreadable."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, ClassVar
 
 from torch.utils.data import Dataset
 
@@ -13,6 +13,7 @@ from dataset.image_io import SafeImageLoader
 from dataset.validate import (
     RETRIEVAL_EVAL_SCHEMA,
     RETRIEVAL_TRAIN_SCHEMA,
+    TypeSpec,
     load_annotation_files,
     load_annotations,
 )
@@ -31,6 +32,9 @@ class RetrievalTrainDataset(Dataset):
         max_words: words kept by :func:`pre_caption`.
     """
 
+    SCHEMA: ClassVar[Mapping[str, TypeSpec]] = RETRIEVAL_TRAIN_SCHEMA
+    TEXT_KEY: ClassVar[str] = "caption"
+
     def __init__(
         self,
         ann_files: str | Sequence[str],
@@ -38,14 +42,19 @@ class RetrievalTrainDataset(Dataset):
         image_root: str,
         max_words: int = 30,
     ) -> None:
-        self.ann = load_annotation_files(ann_files, RETRIEVAL_TRAIN_SCHEMA)
+        self.ann = load_annotation_files(ann_files, self.SCHEMA, text_keys=(self.TEXT_KEY,))
         self.transform = transform
         self.image_root = image_root
         self.max_words = max_words
         self.img_ids: dict[Hashable, int] = {}
         for ann in self.ann:
-            self.img_ids.setdefault(ann["image_id"], len(self.img_ids))
+            self.img_ids.setdefault(self.image_id_of(ann), len(self.img_ids))
         self._loader = SafeImageLoader(transform)
+
+    @staticmethod
+    def image_id_of(ann: dict) -> Hashable:
+        """The id that marks an item's image (items sharing it are ITC positives of each other)."""
+        return ann["image_id"]
 
     @property
     def num_skipped(self) -> int:
@@ -61,11 +70,7 @@ class RetrievalTrainDataset(Dataset):
         image = self._loader(os.path.join(self.image_root, ann["image"]))
         if image is None:
             return None
-        return (
-            image,
-            pre_caption(ann["caption"], self.max_words),
-            self.img_ids[ann["image_id"]],
-        )
+        return image, pre_caption(ann[self.TEXT_KEY], self.max_words), self.img_ids[self.image_id_of(ann)]
 
 
 class RetrievalEvalDataset(Dataset):

@@ -188,20 +188,37 @@ def load_annotations(
     Raises:
         DataError: naming the file (and item index and key) on any problem.
     """
+    return [item for _, item in _indexed_items(path, required, text_keys, max_empty)]
+
+
+def load_checked_annotations(path: str, required: Mapping[str, TypeSpec], text_keys: Sequence[str],
+                             item_check: ItemCheck) -> tuple[list[dict], list[Any]]:
+    """:func:`load_annotations`, then the dataset's own check of each usable item: ``item_check(item, "<file>, item
+    <i>")`` with ``i`` the item's index in the file (items skipped for an empty caption do not shift it).
+
+    Returns (items, the check's value for each, e.g. its class label). Raises the first ``DataError``.
+    """
+    indexed = _indexed_items(path, required, text_keys, MAX_EMPTY_TEXTS)
+    return [item for _, item in indexed], [item_check(item, _where(path, index)) for index, item in indexed]
+
+
+def _indexed_items(path: str, required: Mapping[str, TypeSpec], text_keys: Sequence[str],
+                   max_empty: int) -> list[tuple[int, dict]]:
+    """The usable items of a file with their indices in it (see :func:`load_annotations`)."""
     data = read_json(path)
     if not isinstance(data, list):
         raise DataError(
             f"{path}: top level must be a JSON list of items, got {type(data).__name__}"
         )
     keys = [k for k in text_keys if k in required]
-    kept: list[dict] = []
+    kept: list[tuple[int, dict]] = []
     empty: list[tuple[int, str, str]] = []  # (item index, key, raw text) of captions empty after cleaning
     for index, item in enumerate(data):
         _check_item(path, index, item, required, text_keys)
         cleaned, dropped = _drop_empty_texts(item, keys)
         empty += [(index, key, raw) for key, raw in dropped]
         if cleaned is not None:
-            kept.append(cleaned)
+            kept.append((index, cleaned))
     if empty:
         _report_empty_texts(path, empty, len(data) - len(kept), len(kept), max_empty)
     if required is RETRIEVAL_EVAL_SCHEMA:

@@ -9,14 +9,11 @@ extension (``12345.png``, ``flickr30k-images/12345.jpg``) is used as is, under `
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from dataset.caption import pre_caption
-from dataset.image_io import SafeImageLoader
-from dataset.validate import DataError, load_annotations
+from dataset.labelled_dataset import LabelledDataset
+from dataset.validate import DataError
 
 VE_SCHEMA: dict[str, type] = {"image": str, "sentence": str, "label": str}
 VE_LABELS: dict[str, int] = {"contradiction": 0, "neutral": 1, "entailment": 2}
@@ -35,35 +32,15 @@ def ve_image_path(image_root: str, image: str) -> str:
     return os.path.join(image_root, image if os.path.splitext(image)[1] else f"{image}.jpg")
 
 
-class VEDataset(Dataset):
-    """(image, hypothesis, label) triples; every file and label is checked when the dataset is built.
+class VEDataset(LabelledDataset):
+    """(image, hypothesis, label) triples; every file and label is checked when the dataset is built (arguments:
+    :class:`~dataset.labelled_dataset.LabelledDataset`; ``ann_files``: official, a string)."""
 
-    Args:
-        ann_files: one JSON annotation file (official: a string) or several.
-        transform: callable mapping an RGB PIL image to a tensor.
-        image_root: folder of the images.
-        max_words: words kept by :func:`pre_caption`.
-    """
+    SCHEMA = VE_SCHEMA
 
-    def __init__(self, ann_files: str | Sequence[str], transform: Callable, image_root: str,
-                 max_words: int = 30) -> None:
-        self.ann: list[dict] = []
-        self.labels: list[int] = []
-        for path in [ann_files] if isinstance(ann_files, str) else ann_files:
-            items = load_annotations(path, VE_SCHEMA, text_keys=("sentence",))
-            self.labels += [ve_label(item["label"], f"{path}, item {i}") for i, item in enumerate(items)]
-            self.ann += items
-        self.image_root = image_root
-        self.max_words = max_words
-        self._loader = SafeImageLoader(transform)
-
-    @property
-    def num_skipped(self) -> int:
-        """Fetches that returned ``None`` because the image was unreadable."""
-        return self._loader.num_skipped
-
-    def __len__(self) -> int:
-        return len(self.ann)
+    @staticmethod
+    def label_of(item: dict, where: str) -> int:
+        return ve_label(item["label"], where)
 
     def __getitem__(self, index: int) -> tuple[Any, str, int] | None:
         """Return ``(image (3, H, W), sentence, label)`` or ``None`` if the image is unreadable."""

@@ -40,6 +40,17 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "allow_partial": False,  # load a --checkpoint with suspicious missing/unexpected keys (else: stop, naming them)
 }
 
+# The data keys of the image-caption pre-training scripts (Pretrain.py, Pretrain_nlvr.py).
+PRETRAIN_DATA_DEFAULTS: dict[str, Any] = {
+    "train_file": [],  # JSON files of {image: path, caption: str | [str]} and/or WebDataset shard specs
+    "image_root": "",  # joined with relative image paths (official files hold absolute ones)
+    # shards only (dataset.shard_io.SHARD_DEFAULTS, written out here so that --help needs no dataset import):
+    "train_num_samples": 0,  # samples per epoch over all ranks; 0: every shard sample and JSON item once
+    "shuffle_buffer": 1000,  # samples each loader worker shuffles together (raw bytes in memory)
+    "image_res": 256,
+    "embed_dim": 256,
+}
+
 
 class ConfigError(ValueError):
     """A config file or ``--override`` is unreadable, has an unknown key, or a value of the wrong type."""

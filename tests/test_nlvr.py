@@ -254,6 +254,9 @@ def test_nlvr_dataset_items_and_errors(tmp_path: Path) -> None:
         path = write_world(tmp_path, [good, bad])
         with pytest.raises(DataError, match=match):
             NLVRDataset(path, build_transform("test", 16), str(tmp_path))
+    path = write_world(tmp_path, [good, {**good, "sentence": "..."}, {**good, "label": "yes"}])
+    with pytest.raises(DataError, match=r"item 2, key 'label'"):  # the skipped empty sentence shifts nothing
+        NLVRDataset(path, build_transform("test", 16), str(tmp_path))
     path = write_world(tmp_path, [{**good, "images": ["a.png", "missing.png"]}])
     assert NLVRDataset(path, build_transform("test", 16), str(tmp_path))[0] is None  # unreadable: skipped
 

@@ -121,6 +121,10 @@ def test_ve_dataset_items_and_errors(tmp_path: Path) -> None:
     path.write_text(json.dumps([{**items[0], "sentence": "?!"}]))
     with pytest.raises(DataError, match=r"item 0, key 'sentence': caption is empty"):
         VEDataset(str(path), build_transform("test", 16), str(tmp_path))
+    # an item skipped for its empty sentence does not shift the index named for a later bad one
+    path.write_text(json.dumps([items[0], {**items[0], "sentence": "?!"}, {**items[0], "label": "maybe"}]))
+    with pytest.raises(DataError, match=r"ve.json, item 2, key 'label'.*'maybe'"):
+        VEDataset(str(path), build_transform("test", 16), str(tmp_path))
 
 
 def test_soft_targets_of_the_model_are_the_teacher_softmax() -> None:
