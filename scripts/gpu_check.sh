@@ -6,7 +6,9 @@
 # 1. toy pre-training, 1 epoch, bf16 autocast (SDPA, fused AdamW on CUDA), one process, no launcher;
 # 2. the same under torchrun --nproc_per_node=1: DistributedDataParallel over NCCL;
 # 3. toy retrieval fine-tuning from step 1's checkpoint, 1 epoch, then its val/test evaluation;
-# 4. scripts/benchmark.py on CUDA: pre-training step (ours under bf16 autocast, the official algorithm in
+# 4. the other tasks the same way, 1 epoch each under bf16 autocast with their evaluations: VQA, SNLI-VE, NLVR2
+#    text assignment and then NLVR2 from it, grounding (Grad-CAM on CUDA);
+# 5. scripts/benchmark.py on CUDA: pre-training step (ours under bf16 autocast, the official algorithm in
 #    fp32), retrieval evaluation and fine-tuning step, data pipeline; the tables go to OUT_DIR/benchmark.log
 #    and OUT_DIR/bench_cuda.json.
 # Each step's log goes to OUT_DIR/NAME.log and the run stops at the first failure (its log's end is printed).
@@ -54,6 +56,16 @@ step toy_pretrain_ddp "$py" -m torch.distributed.run --standalone --nproc_per_no
   --config configs/toy/Pretrain.yaml --output_dir "$work/pretrain_ddp" --device "$device" "${pre[@]}"
 step toy_retrieval "$py" Retrieval.py --config configs/toy/Retrieval.yaml --output_dir "$work/retrieval" \
   --checkpoint "$work/pretrain/checkpoint_00.pth" --device "$device" --override schedular.epochs=1 amp=bf16
+ft=(--device "$device" --override schedular.epochs=1 amp=bf16)  # each task: 1 epoch under bf16 autocast
+ckpt=(--checkpoint "$work/pretrain/checkpoint_00.pth")
+step toy_vqa "$py" VQA.py --config configs/toy/VQA.yaml --output_dir "$work/vqa" "${ckpt[@]}" "${ft[@]}"
+step toy_ve "$py" SNLI_VE.py --config configs/toy/VE.yaml --output_dir "$work/ve" "${ckpt[@]}" "${ft[@]}"
+step toy_nlvr_ta "$py" Pretrain_nlvr.py --config configs/toy/NLVR_pretrain.yaml --output_dir "$work/nlvr_ta" \
+  "${ckpt[@]}" "${ft[@]}"
+step toy_nlvr "$py" NLVR.py --config configs/toy/NLVR.yaml --output_dir "$work/nlvr" \
+  --checkpoint "$work/nlvr_ta/checkpoint_00.pth" "${ft[@]}"
+step toy_grounding "$py" Grounding.py --config configs/toy/Grounding.yaml --output_dir "$work/grounding" \
+  "${ckpt[@]}" "${ft[@]}"
 # shellcheck disable=SC2086  # bench_args is a list of flags
 step benchmark "$py" scripts/benchmark.py --device "$device" $bench_args --json "$out/bench_cuda.json"
 cat "$out/benchmark.log"
