@@ -13,6 +13,10 @@
 - ``engine.signals``: SIGINT / SIGTERM stop a run at a step boundary with a checkpoint.
 - ``engine.run_state``: output-folder safety and config changes on resume.
 - ``engine.trainer``: ``setup_run``, ``fit`` (train, evaluate, checkpoint, resume) and ``run_main``.
+- ``engine.epochs``: what ``fit`` keeps and writes around each epoch (``TrainingRun``: resume, checkpoints, stops;
+  ``EpochEnd``: evaluation, ``checkpoint_best.pth``, the ``log.txt`` line).
+- ``engine.task_run``: ``fit_and_test`` (val each epoch, the best checkpoint on test) and ``write_results``, the
+  end of every fine-tuning script.
 
 The task pattern (pre-training and retrieval follow it; VQA, SNLI-VE, NLVR2 and grounding add one of each):
 
