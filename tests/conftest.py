@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,6 +29,16 @@ def tiny_albef(**kw: object) -> ALBEFConfig:
                   vision_heads=2, embed_dim=16, queue_size=12)
     values.update(kw)
     return ALBEFConfig(**values)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: tiny models gain nothing from threads, and on a shared machine a second thread can
+    stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

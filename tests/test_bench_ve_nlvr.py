@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,13 +17,8 @@ INFERENCE_KEYS = ["measure", "task", "size", "batch", "input", "s_per_batch", "e
                   "precision", "cpu_s_per_batch", "steps_s", "cpu_steps_s"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a shared machine a second thread can stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread for every test of this file (the conftest fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_texts_are_cls_words_padding_within_the_task_lengths() -> None:

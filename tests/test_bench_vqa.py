@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,14 +10,8 @@ import torch
 from scripts import benchmark
 from scripts.bench.vqa import CLS, SEP, compare_rankings, make_answer_list
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a shared machine a second thread can stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread for every test of this file (the conftest fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_answer_list_is_cls_words_sep_padding() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,13 +24,8 @@ def random_features(model: ALBEFRetrieval, n_img: int, captions: int) -> ev.Retr
     return ev.RetrievalFeatures(image_embeds, image_feat, text_embeds, att, text_feat)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a shared machine a second thread can stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread for every test of this file (the conftest fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -302,14 +301,6 @@ def test_make_shards_lists_unreadable_images(world: str, tmp_path) -> None:
     listed = open(os.path.join(out, "unreadable.txt")).read().splitlines()
     assert len(listed) == 1 and "item 1" in listed[0] and "gone.png" in listed[0]
 
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """A tiny model gains nothing from threads, and on a shared machine a second thread can stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = ["bert_config=configs/toy/config_bert.json", "image_res=32", "vision_width=128",
