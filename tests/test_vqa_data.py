@@ -158,6 +158,24 @@ def test_answer_list_script_keeps_the_most_frequent_answers(tmp_path: Path) -> N
                  "--out", str(out)]) == 1
 
 
+def test_type_baseline_answers_each_type_with_its_most_frequent_training_answer(tmp_path: Path) -> None:
+    from scripts.vqa_type_baseline import type_baseline
+
+    train = [{"image": "a", "question": "how many", "answer": ["2", "2", "1"], "dataset": "vqa"},
+             {"image": "a", "question": "how many", "answer": ["2"], "dataset": "vqa"},
+             {"image": "a", "question": "how many", "answer": "3", "dataset": "vg"},
+             {"image": "a", "question": "what colour", "answer": ["red"], "dataset": "vqa"}]
+    test = [{"image": "a", "question": "how many", "question_id": 1, "dataset": "vqa"},
+            {"image": "a", "question": "how many", "question_id": 2, "dataset": "vqa"},
+            {"image": "a", "question": "what colour", "question_id": 3, "dataset": "vqa"},
+            {"image": "a", "question": "is there", "question_id": 4, "dataset": "vqa"}]  # no type: not counted
+    config = {"train_file": [write(tmp_path / "train.json", train)], "test_file": [write(tmp_path / "t.json", test)],
+              "test_answers_file": write(tmp_path / "truth.json", {"1": "2", "2": "1", "3": "red", "4": "no"}),
+              "question_types": [["count", "^how many"], ["color", "^what colou?r"]]}
+    assert type_baseline(config) == {"count": (2, "2", 50.0), "color": (1, "red", 100.0),
+                                     "all": (3, "", 100 * 2 / 3)}
+
+
 # ---------------------------------------------------------------------------------------------- VQA.py
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> str:
