@@ -1,0 +1,144 @@
+"""The toy world's stand-in for DeiT: a supervised ImageNet-style pre-training of the toy ViT, for ``vit_init``.
+
+The paper's pre-training starts its ViT from DeiT-B/16 trained on ImageNet-1k (section 4); nothing pre-trained is
+available offline, so this trains the toy-sized ViT to classify toy images by the objects they contain: a
+multi-label target over the shapes, colours and (colour, shape) pairs present, binary cross-entropy on a linear
+head over the [CLS] state. The images come from a separate toy world (its own seed, default
+``data/toy_imagenet``), so the ViT never sees the task worlds' images, as DeiT never saw COCO's test images.
+
+    python scripts/toy_vit_init.py --config configs/toy/Pretrain.yaml --out output/toy_vit/vit_init.pth
+    python Pretrain.py --config configs/toy/Pretrain.yaml --output_dir output/toy_pretrain_vit \
+        --override vit_init=output/toy_vit/vit_init.pth
+
+The file holds ``{'model': state}`` with timm's ViT names and the ``head.*`` classifier (dropped by ``vit_init``).
+Logs the step's loss and, every ``--eval_every`` steps, the validation accuracy of the shape labels and of all labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+logger = logging.getLogger("albef.toy_vit_init")
+
+
+def object_labels(world: str, split: str) -> tuple[list[str], Tensor, list[str]]:
+    """Image paths of ``split`` and their (N, L) multi-hot targets over L = shapes + colours + (colour, shape)
+    pairs, with the L label names."""
+    from dataset.toy_scene import ALL_PAIRS, COLORS, SHAPES
+
+    with open(os.path.join(world, "scenes.json"), encoding="utf-8") as f:
+        scenes = [s for s in json.load(f) if s["split"] == split]
+    names = [*SHAPES, *COLORS, *(f"{c} {s}" for c, s in ALL_PAIRS)]
+    index = {name: k for k, name in enumerate(names)}
+    targets = torch.zeros(len(scenes), len(names))
+    for row, scene in enumerate(scenes):
+        for obj in scene["objects"]:
+            for name in (obj["shape"], obj["color"], f"{obj['color']} {obj['shape']}"):
+                targets[row, index[name]] = 1.0
+    return [os.path.join(world, s["image"]) for s in scenes], targets, names
+
+
+def load_images(paths: list[str], image_res: int) -> Tensor:
+    """(N, 3, R, R) images through the ALBEF test transform (resize, CLIP normalisation)."""
+    from dataset import build_transform
+    from dataset.image_io import load_image
+
+    transform = build_transform("test", image_res)
+    return torch.stack([transform(load_image(p)) for p in paths])
+
+
+def evaluate(model: nn.Module, images: Tensor, targets: Tensor) -> dict[str, float]:
+    """Accuracy of the shape-presence labels (logit > 0 against the target; the first 6 labels) and of all
+    labels."""
+    model.eval()
+    with torch.no_grad():
+        predicted = torch.cat([model(images[i:i + 256]) > 0 for i in range(0, len(images), 256)]).float()
+    model.train()
+    right = (predicted == targets).float()
+    return {"shape_acc": round(right[:, :6].mean().item() * 100, 2), "label_acc": round(right.mean().item() * 100, 2)}
+
+
+def train(config: dict, args: argparse.Namespace) -> dict[str, float]:
+    """Train the classifier; saves ``args.out``; returns the last validation metrics."""
+    from dataset.toy_world import ensure_toy_world
+    from models.vit import build_vit
+
+    world = ensure_toy_world(args.world, seed=args.world_seed, n_train=args.n_train, n_val=args.n_val, n_test=2,
+                             image_size=int(config["image_res"]))
+    vit_cfg = config.get("vit") or {}
+    train_paths, train_y, _ = object_labels(world, "train")
+    val_paths, val_y, _ = object_labels(world, "val")
+    x_train, x_val = load_images(train_paths, config["image_res"]), load_images(val_paths, config["image_res"])
+    vit = build_vit(config["image_res"], vit_cfg.get("patch_size", 16), config.get("vision_width", 768),
+                    vit_cfg.get("depth", 12), vit_cfg.get("heads", 12))
+    vit.reset_classifier(train_y.shape[1], global_pool="token")
+    model = _Classifier(vit)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(args.seed)
+    metrics: dict[str, float] = {}
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(len(x_train), (args.batch_size,), generator=generator)
+        images = x_train[idx]
+        flip = torch.rand(len(idx), generator=generator) < 0.5  # the pre-training's horizontal flip
+        images[flip] = images[flip].flip(-1)
+        loss = nn.functional.binary_cross_entropy_with_logits(model(images), train_y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = {"step": step, "loss": round(loss.item(), 4), **evaluate(model, x_val, val_y)}
+            logger.info("%s", json.dumps(metrics))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    torch.save({"model": vit.state_dict(), "metrics": metrics}, args.out)
+    logger.info("saved %s", args.out)
+    return metrics
+
+
+class _Classifier(nn.Module):
+    """ViT [CLS] state -> pair logits through timm's ``head``."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images: Tensor) -> Tensor:  # (B, 3, R, R) -> (B, pairs)
+        return self.vit.head(self.vit.forward_features(images)[:, 0])
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/toy/Pretrain.yaml", help="the ViT sizes and image_res")
+    parser.add_argument("--out", default="output/toy_vit/vit_init.pth")
+    parser.add_argument("--world", default="data/toy_imagenet", help="the classification images' toy world")
+    parser.add_argument("--world_seed", type=int, default=1, help="its seed (the task world's is 0)")
+    parser.add_argument("--n_train", type=int, default=6000)
+    parser.add_argument("--n_val", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval_every", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ruamel.yaml import YAML
+
+    with open(args.config, encoding="utf-8") as f:
+        config = YAML(typ="safe").load(f)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    return train(config, args)
+
+
+if __name__ == "__main__":
+    main()
