@@ -57,14 +57,17 @@ def load_images(paths: list[str], image_res: int) -> Tensor:
 
 
 def evaluate(model: nn.Module, images: Tensor, targets: Tensor) -> dict[str, float]:
-    """Accuracy of the shape-presence labels (logit > 0 against the target; the first 6 labels) and of all
-    labels."""
+    """Accuracy of the shape-presence labels (logit > 0 against the target; the first len(SHAPES) labels of
+    ``object_labels``) and of all labels."""
+    from dataset.toy_scene import SHAPES
+
     model.eval()
     with torch.no_grad():
         predicted = torch.cat([model(images[i:i + 256]) > 0 for i in range(0, len(images), 256)]).float()
     model.train()
     right = (predicted == targets).float()
-    return {"shape_acc": round(right[:, :6].mean().item() * 100, 2), "label_acc": round(right.mean().item() * 100, 2)}
+    shape_acc = right[:, :len(SHAPES)].mean().item()
+    return {"shape_acc": round(shape_acc * 100, 2), "label_acc": round(right.mean().item() * 100, 2)}
 
 
 def train(config: dict, args: argparse.Namespace) -> dict[str, float]:
@@ -106,13 +109,13 @@ def train(config: dict, args: argparse.Namespace) -> dict[str, float]:
 
 
 class _Classifier(nn.Module):
-    """ViT [CLS] state -> pair logits through timm's ``head``."""
+    """ViT [CLS] state -> object-label logits through timm's ``head``."""
 
     def __init__(self, vit: nn.Module) -> None:
         super().__init__()
         self.vit = vit
 
-    def forward(self, images: Tensor) -> Tensor:  # (B, 3, R, R) -> (B, pairs)
+    def forward(self, images: Tensor) -> Tensor:  # (B, 3, R, R) -> (B, L)
         return self.vit.head(self.vit.forward_features(images)[:, 0])
 
 
@@ -136,7 +139,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with open(args.config, encoding="utf-8") as f:
         config = YAML(typ="safe").load(f)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     return train(config, args)
 
 
