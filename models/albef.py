@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from engine import distributed
 from models.bert import BertConfig, BertForMaskedLM, BertModel, ImageKV
 from models.losses import itm_loss, sample_negatives
-from models.vit import build_vit
+from models.vit import build_vit, vit_sizes
 
 
 @dataclass
@@ -40,15 +40,14 @@ class ALBEFConfig:
     @classmethod
     def from_config(cls, config: dict, bert_config_path: str | None = None) -> ALBEFConfig:
         """Build from a task's resolved YAML config (keys ``image_res``, ``vision_width``, ``vit`` ...)."""
-        vit = config.get("vit", {})
+        vit = vit_sizes(config)
         bert = BertConfig.from_json(bert_config_path or config["bert_config"])
         if bert.encoder_width != config.get("vision_width", bert.encoder_width):
             raise ValueError(f"{config['bert_config']}: encoder_width {bert.encoder_width} differs from "
                              f"vision_width {config['vision_width']}")
         return cls(
-            bert=bert, image_res=config["image_res"], patch_size=vit.get("patch_size", 16),
-            vision_width=config.get("vision_width", 768), vision_depth=vit.get("depth", 12),
-            vision_heads=vit.get("heads", 12), embed_dim=config.get("embed_dim", 256),
+            bert=bert, image_res=vit["image_res"], patch_size=vit["patch_size"], vision_width=vit["width"],
+            vision_depth=vit["depth"], vision_heads=vit["heads"], embed_dim=config.get("embed_dim", 256),
             temp=config.get("temp", 0.07), queue_size=config.get("queue_size", 65536),
             momentum=config.get("momentum", 0.995), mlm_probability=config.get("mlm_probability", 0.15),
             distill=config.get("distill", True), grad_ckpt=config.get("grad_ckpt", False),

@@ -43,6 +43,15 @@ def build_vit(
     return vit
 
 
+def vit_sizes(config: dict) -> dict[str, int]:
+    """``build_vit`` keyword arguments from a task config (``image_res``, ``vision_width``, ``vit``: {patch_size,
+    depth, heads}); absent keys take the ViT-B/16 values."""
+    vit = config.get("vit") or {}
+    return {"image_res": int(config["image_res"]), "patch_size": int(vit.get("patch_size", 16)),
+            "width": int(config.get("vision_width", 768)), "depth": int(vit.get("depth", 12)),
+            "heads": int(vit.get("heads", 12))}
+
+
 @contextmanager
 def saved_attention(vit: VisionTransformer, block: int) -> Iterator[list[Tensor]]:
     """Keep the attention probabilities of ViT block ``block`` (for Grad-CAM, official ``register_blk``).

@@ -73,16 +73,14 @@ def evaluate(model: nn.Module, images: Tensor, targets: Tensor) -> dict[str, flo
 def train(config: dict, args: argparse.Namespace) -> dict[str, float]:
     """Train the classifier; saves ``args.out``; returns the last validation metrics."""
     from dataset.toy_world import ensure_toy_world
-    from models.vit import build_vit
+    from models.vit import build_vit, vit_sizes
 
     world = ensure_toy_world(args.world, seed=args.world_seed, n_train=args.n_train, n_val=args.n_val, n_test=2,
                              image_size=int(config["image_res"]))
-    vit_cfg = config.get("vit") or {}
     train_paths, train_y, _ = object_labels(world, "train")
     val_paths, val_y, _ = object_labels(world, "val")
     x_train, x_val = load_images(train_paths, config["image_res"]), load_images(val_paths, config["image_res"])
-    vit = build_vit(config["image_res"], vit_cfg.get("patch_size", 16), config.get("vision_width", 768),
-                    vit_cfg.get("depth", 12), vit_cfg.get("heads", 12))
+    vit = build_vit(**vit_sizes(config))
     vit.reset_classifier(train_y.shape[1], global_pool="token")
     model = _Classifier(vit)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
