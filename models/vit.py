@@ -47,9 +47,8 @@ def vit_sizes(config: dict) -> dict[str, int]:
     """``build_vit`` keyword arguments from a task config (``image_res``, ``vision_width``, ``vit``: {patch_size,
     depth, heads}); absent keys take the ViT-B/16 values."""
     vit = config.get("vit") or {}
-    return {"image_res": int(config["image_res"]), "patch_size": int(vit.get("patch_size", 16)),
-            "width": int(config.get("vision_width", 768)), "depth": int(vit.get("depth", 12)),
-            "heads": int(vit.get("heads", 12))}
+    return {"image_res": config["image_res"], "patch_size": vit.get("patch_size", 16),
+            "width": config.get("vision_width", 768), "depth": vit.get("depth", 12), "heads": vit.get("heads", 12)}
 
 
 @contextmanager
