@@ -18,7 +18,7 @@ and the map explains an answer, ``--answer`` or else the top-ranked answer of ``
 VQA.py's ``answer_list``), by the gradient of its log-likelihood (``models.gradcam.answer_gradcam``; ``itm``
 mode only)::
 
-    python scripts/visualize.py --config configs/toy/VQA.yaml --checkpoint output/toy_vqa/checkpoint_03.pth \
+    python scripts/visualize.py --config configs/toy/VQA.yaml --checkpoint output/toy_vqa/checkpoint_04.pth \
         --image data/toy/images/test/00003.png --text "what color is the circle" \
         --answer_list data/toy/answer_list.json --output_dir output/gradcam_vqa
 

@@ -190,7 +190,8 @@ def vqa_argv(world: str, out: str, *flags: str) -> list[str]:
             *flags, "--override", "toy_world=''", f"train_file=[{world}/vqa_train.json]",
             f"test_file=[{world}/vqa_test.json]", f"test_answers_file={world}/vqa_test_answers.json",
             f"answer_list={world}/answer_list.json", f"vqa_root={world}", f"vg_root={world}", "schedular.epochs=1",
-            "batch_size_train=8", "batch_size_test=5", "num_workers=0", "image_res=32", "top_n=3"]
+            "batch_size_train=8", "batch_size_test=5", "num_workers=0", "image_res=32", "top_n=3",
+            "distill=true"]  # the toy config turns it off; these runs keep the momentum path covered
 
 
 def spread_vqa_checkpoint(path: str) -> str:
