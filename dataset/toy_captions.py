@@ -104,6 +104,29 @@ def corrupt_caption(scene: Scene, rng: random.Random) -> str:
     return make_caption(objects, rng)
 
 
+_PREFIXES_PART = ("", "there is ", "a picture with ", "an image with ")
+
+
+def partial_caption(scene: Scene, rng: random.Random) -> str:
+    """A caption naming a random proper subset of the objects (1 to n-1 of them; the one object of a
+    one-object image), with no object count.
+
+    Every clean caption names every object, so a masked colour is the one present colour the caption does not
+    name yet: MLM is solved by elimination, without binding colours to shapes. A partial caption leaves that
+    shortcut out (``scripts/toy_binding_probe.py`` measures binding; README, VQA section).
+    """
+    objects = list(scene.objects)
+    subset = rng.sample(objects, rng.randint(1, max(1, len(objects) - 1)))
+    return rng.choice(_PREFIXES_PART) + _body(subset, rng, with_size=rng.random() < 0.8)
+
+
+def build_binding_captions(pretrain: Sequence[dict], scenes: Sequence[Scene], rng: random.Random,
+                           k: int = 3) -> list[dict[str, object]]:
+    """``pretrain_binding.json``: each pre-training item's captions plus ``k`` :func:`partial_caption` ones."""
+    return [{"image": item["image"], "caption": [*item["caption"], *(partial_caption(scene, rng) for _ in range(k))]}
+            for item, scene in zip(pretrain, scenes, strict=True)]
+
+
 def _scene_record(scene: Scene) -> dict[str, object]:
     objects = [
         {"shape": o.shape, "color": o.color, "size": o.size, "bbox": list(o.bbox)}

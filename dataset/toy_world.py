@@ -6,6 +6,7 @@ annotation files of every downstream task in the official ALBEF formats (REFEREN
 
     images/{train,val,test}/NNNNN.png   ve_images/<image_id>.jpg
     pretrain.json            [{"image": ABSOLUTE path, "caption": [str, ...]}], ~10% noisy
+    pretrain_binding.json    the same plus 3 captions per image naming some of its objects
     retrieval_train.json     [{"image": rel, "caption": str, "image_id": "train_NNNNN"}]
     retrieval_{val,test}.json [{"image": rel, "caption": [5 x str]}]
     vqa_train.json, vqa_test.json, vqa_test_answers.json, answer_list.json
@@ -34,7 +35,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dataset.toy_captions import build_captions
+from dataset.toy_captions import build_binding_captions, build_captions
 from dataset.toy_grounding import build_grounding
 from dataset.toy_render import render_scene, sample_scene
 from dataset.toy_scene import Scene
@@ -43,8 +44,8 @@ from dataset.toy_tasks import build_nlvr, build_ve, build_vqa
 logger = logging.getLogger(__name__)
 
 # Bumped when a generated file changes, so that worlds written by older code are regenerated (2: dets.json
-# distractors overlap no object at IoU >= 0.5).
-VERSION = 2
+# distractors overlap no object at IoU >= 0.5; 3: pretrain_binding.json).
+VERSION = 3
 
 
 # ----------------------------------------------------------------------------- writing
@@ -87,6 +88,8 @@ def _annotation_files(
     seed = params["seed"]
     files = build_captions(scenes, root, seed)
     train, val, test = scenes["train"], scenes["val"], scenes["test"]
+    files["pretrain_binding.json"] = build_binding_captions(files["pretrain.json"], train,
+                                                            random.Random(f"{seed}-binding"))
     files.update(build_vqa(train, [*val, *test], random.Random(f"{seed}-vqa")))
     for split, split_scenes in scenes.items():
         rng = random.Random(f"{seed}-{split}")

@@ -33,7 +33,7 @@ were drawn by child student teacher computer artist very heavy old expensive war
 for game book school class test at top bottom"""
 CAPTION_VOCAB = SHAPES | COLORS | set(_CAPTION_WORDS.split())
 TASK_VOCAB = CAPTION_VOCAB | PLURALS | set(NUMBER_WORDS) | set(_TASK_WORDS.split())
-_FILES = """pretrain retrieval_train retrieval_val retrieval_test vqa_train vqa_test
+_FILES = """pretrain pretrain_binding retrieval_train retrieval_val retrieval_test vqa_train vqa_test
 vqa_test_answers answer_list nlvr_train nlvr_val nlvr_test ve_train ve_val ve_test grounding_train
 grounding_test dets refs scenes manifest"""
 TASK_FILES = [f"{name}.json" for name in _FILES.split()]
@@ -185,8 +185,27 @@ def test_noise_only_in_pretrain(world: Path, scenes: dict[str, dict]) -> None:
     assert 0 < n_noisy < 0.3 * n_total
 
 
+def test_binding_captions_name_a_proper_subset_without_counts(world: Path, scenes: dict[str, dict]) -> None:
+    items = load(world, "pretrain_binding.json")
+    pretrain = load(world, "pretrain.json")
+    assert [i["image"] for i in items] == [i["image"] for i in pretrain]
+    sizes = set()
+    for item, original in zip(items, pretrain, strict=True):
+        assert item["caption"][:-3] == original["caption"]
+        record = scenes[str(Path(item["image"]).relative_to(world))]
+        n = len(record["objects"])
+        for caption in item["caption"][-3:]:
+            named = mentioned_pairs(caption)
+            assert not named - scene_pairs(record), caption  # only objects of the image
+            k = sum(named.values())
+            assert 1 <= k <= max(1, n - 1), caption
+            assert not set(words(caption)) & set(NUMBER_WORDS), caption
+            sizes.add((n, k))
+    assert {(2, 1), (3, 1), (3, 2)} <= sizes  # every proper subset size occurs
+
+
 def test_caption_vocabulary(world: Path) -> None:
-    names = ["pretrain.json", "retrieval_val.json", "retrieval_test.json"]
+    names = ["pretrain.json", "pretrain_binding.json", "retrieval_val.json", "retrieval_test.json"]
     captions = [c for captions in field(world, names, "caption") for c in captions]
     captions += field(world, ["retrieval_train.json"], "caption")
     for caption in captions:
