@@ -91,6 +91,7 @@ def run_probes(checkpoint: str, world: str, split: str) -> dict[str, dict[str, f
 
     mask_id = token_id("[MASK]")
     totals: dict[str, list[float]] = {}
+    images: dict[str, torch.Tensor] = {}
     for probe in probes:
         batch = tokenizer([probe.text], max_length=inference.max_tokens)
         ids = batch.input_ids.clone()  # (1, T)
@@ -98,7 +99,9 @@ def run_probes(checkpoint: str, world: str, split: str) -> dict[str, dict[str, f
         if len(where) != 1:
             raise ValueError(f"{probe.image}: '{probe.answer}' is not once in '{probe.text}'")
         ids[0, where[0, 0]] = mask_id
-        image_embeds, _ = model.encode_image(inference.preprocess(str(Path(world) / probe.image)))  # (1, 1+N, D)
+        if probe.image not in images:  # the probes of one image follow each other
+            images = {probe.image: model.encode_image(inference.preprocess(str(Path(world) / probe.image)))[0]}
+        image_embeds = images[probe.image]  # (1, 1+N, D)
         hidden = model.text_encoder.bert(ids, batch.attention_mask, image_embeds)  # (1, T, H)
         logits = model.text_encoder.logits_at(hidden, ids == mask_id)[0]  # (V,)
         scores = logits[torch.tensor([token_id(c) for c in probe.candidates])]
