@@ -62,7 +62,7 @@ def build_probes(scenes: list[dict], split: str) -> list[Probe]:
         colours = frozenset(o["color"] for o in objects)
         shapes = frozenset(o["shape"] for o in objects)
         if len(colours) >= 2:
-            for o in _unique(objects, "shape"):
+            for o in _unique(objects, "shape"):  # "a" for every colour: "an" would give "orange" away
                 probes.append(Probe("colour, one object named", scene["image"], f"a {o['color']} {o['shape']}",
                                     o["color"], tuple(COLORS), colours))
             for o in _unique(objects, "color"):
