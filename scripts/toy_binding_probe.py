@@ -25,6 +25,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -86,31 +87,26 @@ def run_probes(checkpoint: str, world: str, split: str) -> dict[str, dict[str, f
     with open(Path(world) / "scenes.json", encoding="utf-8") as f:
         probes = build_probes(json.load(f), split)
 
-    def token_id(word: str) -> int:
-        return int(tokenizer([word], max_length=8).input_ids[0, 1])
-
-    mask_id = token_id("[MASK]")
+    # each colour and shape is one word piece, tokenised once: [CLS] word -> its id
+    word_ids = {w: int(tokenizer([w], max_length=8).input_ids[0, 1]) for w in (*COLORS, *SHAPES)}
     totals: dict[str, list[float]] = {}
-    images: dict[str, torch.Tensor] = {}
-    for probe in probes:
-        batch = tokenizer([probe.text], max_length=inference.max_tokens)
-        ids = batch.input_ids.clone()  # (1, T)
-        where = (ids[0] == token_id(probe.answer)).nonzero()
-        if len(where) != 1:
-            raise ValueError(f"{probe.image}: '{probe.answer}' is not once in '{probe.text}'")
-        ids[0, where[0, 0]] = mask_id
-        if probe.image not in images:  # the probes of one image follow each other
-            images = {probe.image: model.encode_image(inference.preprocess(str(Path(world) / probe.image)))[0]}
-        image_embeds = images[probe.image]  # (1, 1+N, D)
-        hidden = model.text_encoder.bert(ids, batch.attention_mask, image_embeds)  # (1, T, H)
-        logits = model.text_encoder.logits_at(hidden, ids == mask_id)[0]  # (V,)
-        scores = logits[torch.tensor([token_id(c) for c in probe.candidates])]
-        guess = probe.candidates[int(scores.argmax())]
-        row = totals.setdefault(probe.kind, [0, 0, 0, 0.0])
-        row[0] += 1
-        row[1] += guess == probe.answer
-        row[2] += guess != probe.answer and guess in probe.present
-        row[3] += 1 / len(probe.present)
+    for image, image_probes in groupby(probes, key=lambda p: p.image):  # build_probes keeps an image's together
+        image_embeds, _ = model.encode_image(inference.preprocess(str(Path(world) / image)))  # (1, 1+N, D)
+        for probe in image_probes:
+            batch = tokenizer([probe.text], max_length=inference.max_tokens)
+            ids = batch.input_ids.clone()  # (1, T)
+            where = (ids[0] == word_ids[probe.answer]).nonzero()
+            if len(where) != 1:
+                raise ValueError(f"{image}: '{probe.answer}' is not once in '{probe.text}'")
+            ids[0, where[0, 0]] = tokenizer.mask_token_id
+            hidden = model.text_encoder.bert(ids, batch.attention_mask, image_embeds)  # (1, T, H)
+            logits = model.text_encoder.logits_at(hidden, ids == tokenizer.mask_token_id)[0]  # (V,)
+            guess = probe.candidates[int(logits[[word_ids[c] for c in probe.candidates]].argmax())]
+            row = totals.setdefault(probe.kind, [0, 0, 0, 0.0])
+            row[0] += 1
+            row[1] += guess == probe.answer
+            row[2] += guess != probe.answer and guess in probe.present
+            row[3] += 1 / len(probe.present)
     return {kind: {"n": n, "accuracy": 100 * ok / n, "other_object": 100 * other / n, "chance": 100 * chance / n}
             for kind, (n, ok, other, chance) in totals.items()}
 
