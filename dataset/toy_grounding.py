@@ -39,6 +39,18 @@ def referring_expressions(scene: Scene, target: ToyObject) -> list[str]:
     return out
 
 
+def full_expressions(scenes: Sequence[Scene]) -> list[dict[str, str]]:
+    """One training item per object naming it in full, "the {size} {colour} {shape}" (no randomness, so writing
+    it leaves every other file unchanged).
+
+    `grounding_train.json` picks each object's expression at random among those unique in its image; many
+    ("the blue object", "the star") fit many other images, so the hard negatives that ITM draws by contrastive
+    similarity mostly fit the expression too and the ITM head learns the label prior (README, grounding). A full
+    name fits about 1 image in 30, as RefCOCO+'s longer expressions rarely fit another image.
+    """
+    return [{"image": s.image, "text": f"the {o.size} {o.name}"} for s in scenes for o in s.objects]
+
+
 def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
@@ -118,6 +130,7 @@ def build_grounding(
             ref_id += 1
     return {
         "grounding_train.json": train_items,
+        "grounding_train_full.json": full_expressions(train),
         "grounding_test.json": test_items,
         "dets.json": dets,
         "refs.json": refs,

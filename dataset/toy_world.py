@@ -12,6 +12,7 @@ annotation files of every downstream task in the official ALBEF formats (REFEREN
     vqa_train.json, vqa_test.json, vqa_test_answers.json, answer_list.json
     nlvr_{train,val,test}.json, ve_{train,val,test}.json
     grounding_train.json, grounding_test.json, dets.json, refs.json (JSON stand-in for REFER)
+    grounding_train_full.json  one item per training object naming it in full ("the small red star")
     scenes.json              per-image object records (shape, colour, size, bbox) and captions
     manifest.json            parameters, counts, version (written last)
 
@@ -44,8 +45,8 @@ from dataset.toy_tasks import build_nlvr, build_ve, build_vqa
 logger = logging.getLogger(__name__)
 
 # Bumped when a generated file changes, so that worlds written by older code are regenerated (2: dets.json
-# distractors overlap no object at IoU >= 0.5; 3: pretrain_binding.json).
-VERSION = 3
+# distractors overlap no object at IoU >= 0.5; 3: pretrain_binding.json; 4: grounding_train_full.json).
+VERSION = 4
 
 
 # ----------------------------------------------------------------------------- writing
@@ -187,6 +188,27 @@ def ensure_toy_world(
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("toy world written to %s in %.1fs", root_path, time.perf_counter() - start)
     return str(root_path)
+
+
+def is_current_toy_world(root: str) -> bool:
+    """Whether `root` holds a complete toy world written by this generator's VERSION."""
+    try:
+        manifest = json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("version") == VERSION
+
+
+def ensure_current_toy_world(root: str) -> str:
+    """The toy world in `root`: generated with the default parameters when absent, regenerated with its own
+    parameters when an older generator wrote it (a newer VERSION adds or changes files, so a config naming a new
+    file works on a world written before it existed). Returns the absolute root path."""
+    try:
+        manifest = json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
+        params = {k: manifest["params"][k] for k in ("seed", "n_train", "n_val", "n_test", "image_size")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return ensure_toy_world(root)
+    return ensure_toy_world(root, **params)
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -69,9 +69,9 @@ def setup_run(args: argparse.Namespace, defaults: dict,
 
         config = adopt_checkpoint_sizes(config, args.checkpoint, args.override, args.output_dir)
     if _uses_toy_world(config):
-        if is_main_process() and not os.path.isfile(os.path.join(config["toy_world"], "manifest.json")):
-            from dataset.toy_world import ensure_toy_world
-            ensure_toy_world(config["toy_world"])
+        if is_main_process():  # absent, or written by an older generator: (re)generate it
+            from dataset.toy_world import ensure_current_toy_world
+            ensure_current_toy_world(config["toy_world"])
         barrier()
     if is_main_process():
         save_config(config, os.path.join(args.output_dir, "config.yaml"))

@@ -125,9 +125,11 @@ def data_problems(task: str, config: dict, args: argparse.Namespace) -> list[str
     if task not in FILE_TASKS:
         logger.info("task %s: its annotation files are checked when the script starts", task)
         return []
+    from dataset.toy_world import is_current_toy_world
+
     world = config.get("toy_world")
-    if world and not Path(world, "manifest.json").is_file() and _all_in(config, Path(world).resolve()):
-        logger.info("the toy world %s is generated on the first run: its files are checked then", world)
+    if world and not is_current_toy_world(world) and _all_in(config, Path(world).resolve()):
+        logger.info("the toy world %s is (re)generated on the first run: its files are checked then", world)
         return []
     sizes, problems = task_file_report(config, task, check_images=args.check_images, limit=args.max_listed)
     if args.evaluate:

@@ -16,7 +16,7 @@ from dataset.grounding_dataset import load_dets, load_plain_truth
 from dataset.grounding_eval import compute_iou, proposal_stats
 from dataset.toy_grounding import _proposals
 from dataset.toy_scene import Scene, ToyObject
-from dataset.toy_world import ensure_toy_world, main
+from dataset.toy_world import VERSION, ensure_current_toy_world, ensure_toy_world, is_current_toy_world, main
 
 SMALL = {"seed": 3, "n_train": 40, "n_val": 10, "n_test": 12, "image_size": 64}
 SHAPES = {"circle", "square", "triangle", "star", "cross", "diamond"}
@@ -35,7 +35,7 @@ CAPTION_VOCAB = SHAPES | COLORS | set(_CAPTION_WORDS.split())
 TASK_VOCAB = CAPTION_VOCAB | PLURALS | set(NUMBER_WORDS) | set(_TASK_WORDS.split())
 _FILES = """pretrain pretrain_binding retrieval_train retrieval_val retrieval_test vqa_train vqa_test
 vqa_test_answers answer_list nlvr_train nlvr_val nlvr_test ve_train ve_val ve_test grounding_train
-grounding_test dets refs scenes manifest"""
+grounding_train_full grounding_test dets refs scenes manifest"""
 TASK_FILES = [f"{name}.json" for name in _FILES.split()]
 SPLITS = ("train", "val", "test")
 
@@ -219,7 +219,7 @@ def test_task_text_vocabulary(world: Path) -> None:
     texts = field(world, ["vqa_train.json", "vqa_test.json"], "question")
     texts += load(world, "answer_list.json")
     texts += field(world, [f"{t}_{s}.json" for t in ("nlvr", "ve") for s in SPLITS], "sentence")
-    texts += field(world, ["grounding_train.json", "grounding_test.json"], "text")
+    texts += field(world, ["grounding_train.json", "grounding_train_full.json", "grounding_test.json"], "text")
     for text in texts:
         assert set(text.split()) <= TASK_VOCAB, text
 
@@ -307,6 +307,20 @@ def test_grounding(world: Path, scenes: dict[str, dict]) -> None:
         assert max(iou(box, ref["bbox"]) for box in boxes) >= 0.5
 
 
+def test_full_grounding_expressions_name_each_training_object_once(world: Path, scenes: dict[str, dict]) -> None:
+    items = load(world, "grounding_train_full.json")
+    train = [r for r in scenes.values() if r["split"] == "train"]
+    assert len(items) == sum(len(r["objects"]) for r in train)
+    for item in items:
+        record = scenes[item["image"]]
+        words = item["text"].split()
+        assert words[0] == "the" and len(words) == 4 and words[1] in ("small", "large"), item["text"]
+        target = next(o for o in record["objects"] if [o["size"], o["color"], o["shape"]] == words[1:])
+        assert referents(item["text"], record["objects"]) == [target], item["text"]
+    named = {(i["image"], i["text"]) for i in items}
+    assert len(named) == len(items)  # every object of every training image, once
+
+
 def test_grounding_test_split_has_exactly_one_right_proposal(world: Path) -> None:
     """The acceptance's split: >= 3 proposals per image, exactly one at IoU >= 0.5 (the evaluator's official
     IoU) with the referred object; the chance level is the mean of 1/#proposals (1/3 to 1/7 per image)."""
@@ -348,6 +362,24 @@ def test_cached_then_regenerated_on_new_params(tmp_path: Path) -> None:
     assert json.loads(manifest.read_text())["params"]["n_val"] == 4
     assert len(list((Path(root) / "images" / "val").glob("*.png"))) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_a_world_from_an_older_generator_is_regenerated_with_its_own_parameters(tmp_path: Path) -> None:
+    params = {**SMALL, "n_train": 6, "n_val": 3, "n_test": 3}
+    root = Path(ensure_toy_world(str(tmp_path / "w"), **params))
+    assert is_current_toy_world(str(root)) and not is_current_toy_world(str(tmp_path / "absent"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["version"] = manifest["params"]["version"] = VERSION - 1  # as written before the latest file existed
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "grounding_train_full.json").unlink()
+    assert not is_current_toy_world(str(root))
+    assert ensure_current_toy_world(str(root)) == str(root)
+    assert json.loads((root / "manifest.json").read_text())["params"] == {**params, "version": VERSION}
+    assert (root / "grounding_train_full.json").is_file()
+    assert len(list((root / "images" / "train").glob("*.png"))) == 6  # its own size, not the default 3,000
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+    ensure_current_toy_world(str(root))  # current: left alone
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp
 
 
 def test_refuses_to_overwrite_foreign_directory(tmp_path: Path) -> None:
