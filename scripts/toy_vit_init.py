@@ -6,8 +6,8 @@ multi-label target over the shapes, colours and (colour, shape) pairs present, b
 head over the [CLS] state. The images come from a separate toy world (its own seed, default
 ``data/toy_imagenet``), so the ViT never sees the task worlds' images, as DeiT never saw COCO's test images.
 
-DeiT-B/16's patch tokens carry what lies under them; 1,500 steps of image-level labels leave the toy ViT's patch
-tokens knowing colour but hardly shape. ``--patch_weight W`` adds W times a per-patch cross-entropy over the
+DeiT-B/16's patch tokens carry what lies under them; image-level labels alone need not teach the toy ViT's patch
+tokens that. ``--patch_weight W`` adds W times a per-patch cross-entropy over the
 (colour, shape) pair of the object covering the patch (or background; see ``patch_labels``) through a linear head
 that is not saved, so that the patch tokens, which the fusion layers' cross-attention reads, say which object
 they show. The README's toy pipeline uses ``--patch_weight 1``.
@@ -184,7 +184,7 @@ class _Classifier(nn.Module):
         self.vit = vit
         self.patch_head = nn.Linear(vit.embed_dim, n_patch_classes) if n_patch_classes else None
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:  # (B, 3, R, R) -> (B, L), (B*N, C)
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:  # (B, 3, R, R) -> (B, L), (B, N, C)
         tokens = self.vit.forward_features(images)  # (B, 1 + N, D)
         patch_logits = self.patch_head(tokens[:, 1:]) if self.patch_head is not None else None
         return self.vit.head(tokens[:, 0]), patch_logits
