@@ -120,12 +120,17 @@ def _generate(tmp: Path, root: Path, params: dict[str, int]) -> None:
 
 
 # ----------------------------------------------------------------------------- entry points
-def _manifest_matches(root: Path, params: dict[str, int]) -> bool:
+def _read_manifest(root: Path) -> dict:
+    """The world's ``manifest.json``; ``{}`` when it is missing or unreadable (an absent or partial world)."""
     try:
         manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return manifest.get("params") == params
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _manifest_matches(root: Path, params: dict[str, int]) -> bool:
+    return _read_manifest(root).get("params") == params
 
 
 def _install(tmp: Path, root: Path, params: dict[str, int]) -> None:
@@ -192,23 +197,18 @@ def ensure_toy_world(
 
 def is_current_toy_world(root: str) -> bool:
     """Whether `root` holds a complete toy world written by this generator's VERSION."""
-    try:
-        manifest = json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("version") == VERSION
+    return _read_manifest(Path(root)).get("version") == VERSION
 
 
 def ensure_current_toy_world(root: str) -> str:
     """The toy world in `root`: generated with the default parameters when absent, regenerated with its own
     parameters when an older generator wrote it (a newer VERSION adds or changes files, so a config naming a new
     file works on a world written before it existed). Returns the absolute root path."""
-    try:
-        manifest = json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8"))
-        params = {k: manifest["params"][k] for k in ("seed", "n_train", "n_val", "n_test", "image_size")}
-    except (OSError, ValueError, KeyError, TypeError):
+    params = _read_manifest(Path(root)).get("params")
+    keys = ("seed", "n_train", "n_val", "n_test", "image_size")
+    if not isinstance(params, dict) or not all(k in params for k in keys):
         return ensure_toy_world(root)
-    return ensure_toy_world(root, **params)
+    return ensure_toy_world(root, **{k: params[k] for k in keys})
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -102,18 +102,26 @@ def load_images(paths: list[str], image_res: int) -> Tensor:
     return torch.stack([transform(load_image(p)) for p in paths])
 
 
-def evaluate(model: nn.Module, images: Tensor, targets: Tensor) -> dict[str, float]:
+def evaluate(model: nn.Module, images: Tensor, targets: Tensor, patch_targets: Tensor | None = None
+             ) -> dict[str, float]:
     """Accuracy of the shape-presence labels (logit > 0 against the target; the first len(SHAPES) labels of
-    ``object_labels``) and of all labels."""
+    ``object_labels``) and of all labels; with ``patch_targets`` (N, G, G) and a patch head, also the percent of
+    the object-covered patches (target > 0) whose (colour, shape) class is predicted. One pass over ``images``."""
     from dataset.toy_scene import SHAPES
 
     model.eval()
     with torch.no_grad():
-        predicted = torch.cat([model(images[i:i + 256])[0] > 0 for i in range(0, len(images), 256)]).float()
+        outputs = [model(images[i:i + 256]) for i in range(0, len(images), 256)]
     model.train()
-    right = (predicted == targets).float()
-    shape_acc = right[:, :len(SHAPES)].mean().item()
-    return {"shape_acc": round(shape_acc * 100, 2), "label_acc": round(right.mean().item() * 100, 2)}
+    right = (torch.cat([labels for labels, _ in outputs]) > 0).float() == targets
+    metrics = {"shape_acc": round(right[:, :len(SHAPES)].float().mean().item() * 100, 2),
+               "label_acc": round(right.float().mean().item() * 100, 2)}
+    if patch_targets is not None:
+        predicted = torch.cat([patches.argmax(-1) for _, patches in outputs]).flatten()
+        covered = patch_targets.flatten() > 0
+        patch_right = predicted[covered] == patch_targets.flatten()[covered]
+        metrics["object_patch_acc"] = round(patch_right.float().mean().item() * 100, 2)
+    return metrics
 
 
 def train(config: dict, args: argparse.Namespace) -> dict[str, float]:
@@ -130,6 +138,7 @@ def train(config: dict, args: argparse.Namespace) -> dict[str, float]:
     vit = build_vit(**vit_sizes(config))
     vit.reset_classifier(train_y.shape[1], global_pool="token")
     model = _Classifier(vit, n_patch_classes=len(ALL_PAIRS) + 1 if args.patch_weight > 0 else 0)
+    train_patch_y = val_patch_y = None
     if args.patch_weight > 0:
         patch = int(config["vit"]["patch_size"])
         train_patch_y = patch_labels(world, "train", config["image_res"], patch)
@@ -155,24 +164,12 @@ def train(config: dict, args: argparse.Namespace) -> dict[str, float]:
         optimizer.step()
         schedule.step()
         if step % args.eval_every == 0 or step == args.steps:
-            metrics = {"step": step, "loss": round(loss.item(), 4), **evaluate(model, x_val, val_y)}
-            if args.patch_weight > 0:
-                metrics["object_patch_acc"] = _patch_accuracy(model, x_val, val_patch_y)
+            metrics = {"step": step, "loss": round(loss.item(), 4), **evaluate(model, x_val, val_y, val_patch_y)}
             logger.info("%s", json.dumps(metrics))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save({"model": vit.state_dict(), "metrics": metrics}, args.out)
     logger.info("saved %s", args.out)
     return metrics
-
-
-def _patch_accuracy(model: nn.Module, images: Tensor, targets: Tensor) -> float:
-    """Percent of the object-covered patches (target > 0) whose (colour, shape) class is predicted."""
-    model.eval()
-    with torch.no_grad():
-        predicted = torch.cat([model(images[i:i + 256])[1].argmax(-1) for i in range(0, len(images), 256)]).flatten()
-    model.train()
-    covered = targets.flatten() > 0
-    return round((predicted[covered] == targets.flatten()[covered]).float().mean().item() * 100, 2)
 
 
 class _Classifier(nn.Module):
