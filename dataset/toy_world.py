@@ -11,6 +11,7 @@ annotation files of every downstream task in the official ALBEF formats (REFEREN
     retrieval_{val,test}.json [{"image": rel, "caption": [5 x str]}]
     vqa_train.json, vqa_test.json, vqa_test_answers.json, answer_list.json
     nlvr_{train,val,test}.json, ve_{train,val,test}.json
+    nlvr_train_extra.json    3 more NLVR2 training statements per training image (their own rng)
     grounding_train.json, grounding_test.json, dets.json, refs.json (JSON stand-in for REFER)
     grounding_train_full.json  one item per training object naming it in full ("the small red star")
     scenes.json              per-image object records (shape, colour, size, bbox) and captions
@@ -45,8 +46,9 @@ from dataset.toy_tasks import build_nlvr, build_ve, build_vqa
 logger = logging.getLogger(__name__)
 
 # Bumped when a generated file changes, so that worlds written by older code are regenerated (2: dets.json
-# distractors overlap no object at IoU >= 0.5; 3: pretrain_binding.json; 4: grounding_train_full.json).
-VERSION = 4
+# distractors overlap no object at IoU >= 0.5; 3: pretrain_binding.json; 4: grounding_train_full.json;
+# 5: nlvr_train_extra.json).
+VERSION = 5
 
 
 # ----------------------------------------------------------------------------- writing
@@ -96,6 +98,8 @@ def _annotation_files(
         rng = random.Random(f"{seed}-{split}")
         files[f"nlvr_{split}.json"] = build_nlvr(split_scenes, len(split_scenes), rng)
         files[f"ve_{split}.json"] = build_ve(split_scenes, rng)
+    # Its own rng, so every file above stays as version 4 wrote it.
+    files["nlvr_train_extra.json"] = build_nlvr(train, 3 * len(train), random.Random(f"{seed}-nlvr-extra"))
     files.update(
         build_grounding(train, val, test, params["image_size"], random.Random(f"{seed}-ground"))
     )

@@ -35,7 +35,7 @@ CAPTION_VOCAB = SHAPES | COLORS | set(_CAPTION_WORDS.split())
 TASK_VOCAB = CAPTION_VOCAB | PLURALS | set(NUMBER_WORDS) | set(_TASK_WORDS.split())
 _FILES = """pretrain pretrain_binding retrieval_train retrieval_val retrieval_test vqa_train vqa_test
 vqa_test_answers answer_list nlvr_train nlvr_val nlvr_test ve_train ve_val ve_test grounding_train
-grounding_train_full grounding_test dets refs scenes manifest"""
+grounding_train_full grounding_test dets refs scenes manifest nlvr_train_extra"""
 TASK_FILES = [f"{name}.json" for name in _FILES.split()]
 SPLITS = ("train", "val", "test")
 
@@ -254,19 +254,49 @@ def test_vqa(world: Path, scenes: dict[str, dict]) -> None:
             assert answer == ("yes" if (m[1], m[2]) in scene_pairs(record) else "no")
 
 
-def test_nlvr(world: Path, scenes: dict[str, dict]) -> None:
-    for split in ("train", "val", "test"):
-        items = load(world, f"nlvr_{split}.json")
-        labels = Counter(i["label"] for i in items)
-        assert set(labels) == {"True", "False"} and abs(labels["True"] - labels["False"]) <= 1
-        for item in items:
-            left, right = item["images"]
-            assert left != right and {scenes[left]["split"], scenes[right]["split"]} == {split}
-            m = re.fullmatch(r"both images contain exactly (\w+) shapes?", item["sentence"])
-            if m:
-                n = NUMBER_WORDS.index(m[1])
-                truth = len(scenes[left]["objects"]) == len(scenes[right]["objects"]) == n
-                assert item["label"] == str(truth)
+def _nlvr_truth(sentence: str, left: dict, right: dict) -> bool:
+    """The truth of a toy NLVR2 statement, recomputed from the two scene records (every template)."""
+    sides = {"left": left["objects"], "right": right["objects"]}
+
+    def count(objects: list, **attrs: str) -> int:
+        return sum(all(o[k] == v for k, v in attrs.items()) for o in objects)
+    both = (left["objects"], right["objects"])
+    singular = {p: p[:-2] if p.endswith("sses") else p[:-1] for p in PLURALS}  # crosses -> cross
+    if m := re.fullmatch(r"the (left|right) image contains an? (\w+) (\w+)", sentence):
+        return count(sides[m[1]], color=m[2], shape=m[3]) > 0
+    if m := re.fullmatch(r"both images contain exactly (\w+) shapes?", sentence):
+        return len(left["objects"]) == len(right["objects"]) == NUMBER_WORDS.index(m[1])
+    if m := re.fullmatch(r"there are (\w+) (\w+) in total", sentence):
+        return sum(count(objs, shape=singular[m[2]]) for objs in both) == NUMBER_WORDS.index(m[1])
+    if m := re.fullmatch(r"both images contain an? (\w+)", sentence):
+        return all(count(objs, shape=m[1]) for objs in both)
+    if sentence == "the left image contains more shapes than the right image":
+        return len(left["objects"]) > len(right["objects"])
+    if m := re.fullmatch(r"only one image contains an? (\w+) shape", sentence):
+        return (count(both[0], color=m[1]) > 0) != (count(both[1], color=m[1]) > 0)
+    if m := re.fullmatch(r"no image contains an? (\w+)", sentence):
+        return not any(count(objs, shape=m[1]) for objs in both)
+    raise AssertionError(f"unknown NLVR2 statement: {sentence!r}")
+
+
+@pytest.mark.parametrize("name", ["nlvr_train", "nlvr_val", "nlvr_test", "nlvr_train_extra"])
+def test_nlvr_labels_are_balanced_and_true_to_the_scenes(world: Path, scenes: dict[str, dict], name: str) -> None:
+    split = name.split("_")[1]
+    items = load(world, f"{name}.json")
+    n_images = SMALL[f"n_{split}"]
+    assert len(items) == (3 * n_images if name.endswith("extra") else n_images)
+    labels = Counter(i["label"] for i in items)
+    assert set(labels) == {"True", "False"} and abs(labels["True"] - labels["False"]) <= 1
+    for item in items:
+        left, right = item["images"]
+        assert left != right and {scenes[left]["split"], scenes[right]["split"]} == {split}
+        assert item["label"] == str(_nlvr_truth(item["sentence"], scenes[left], scenes[right])), item
+
+
+def test_extra_nlvr_statements_are_new(world: Path) -> None:
+    first = {(tuple(i["images"]), i["sentence"]) for i in load(world, "nlvr_train.json")}
+    extra = [(tuple(i["images"]), i["sentence"]) for i in load(world, "nlvr_train_extra.json")]
+    assert sum(key in first for key in extra) < len(extra) // 20  # its own draws, not a copy
 
 
 def test_ve(world: Path, scenes: dict[str, dict]) -> None:
@@ -371,11 +401,11 @@ def test_a_world_from_an_older_generator_is_regenerated_with_its_own_parameters(
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["version"] = manifest["params"]["version"] = VERSION - 1  # as written before the latest file existed
     (root / "manifest.json").write_text(json.dumps(manifest))
-    (root / "grounding_train_full.json").unlink()
+    (root / "nlvr_train_extra.json").unlink()
     assert not is_current_toy_world(str(root))
     assert ensure_current_toy_world(str(root)) == str(root)
     assert json.loads((root / "manifest.json").read_text())["params"] == {**params, "version": VERSION}
-    assert (root / "grounding_train_full.json").is_file()
+    assert (root / "nlvr_train_extra.json").is_file()
     assert len(list((root / "images" / "train").glob("*.png"))) == 6  # its own size, not the default 3,000
     stamp = (root / "manifest.json").stat().st_mtime_ns
     ensure_current_toy_world(str(root))  # current: left alone
