@@ -15,13 +15,16 @@ the proposals of its image are ranked by it, and the accuracy per split (``val_d
 is logged; ``val_d`` picks ``checkpoint_best.pth``. Under torchrun each rank maps a contiguous share of the
 expressions and the maps are gathered in memory (no per-rank result files). Ground truth (``refcoco_data``):
 the official ``refer`` folder (``<refcoco_data>/refcoco+/refs(unc).p`` + ``instances.json``) or a plain JSON
-``{ref_id: {split, bbox, image_id, height, width}}``. Results: ``log.txt`` and
-``output_dir/result/grounding_metrics.json``.
+``{ref_id: {split, bbox, image_id, height, width}}``. Results: ``log.txt``,
+``output_dir/result/grounding_metrics.json`` and, per expression (the evaluated epoch's picked box, its IoU and
+verdict), ``output_dir/result/grounding_refs.json``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -154,10 +157,14 @@ def collect_maps(model: ALBEFRetrieval, dataset: GroundingEvalDataset, tokenizer
 
 
 def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device) -> Callable:
-    """``evaluate(model, epoch) -> {'val_d', 'testA_d', 'testB_d', ..., 'n_refs'}`` on the test files."""
+    """``evaluate(model, epoch) -> {'val_d', 'testA_d', 'testB_d', ..., 'n_refs'}`` on the test files.
+
+    ``evaluate.outcomes[epoch]`` keeps, on the main process, one row per expression in test-file order:
+    ``{"ref_id", "text", "split", "box" (the picked proposal [x, y, w, h]), "iou", "correct"}``.
+    """
     from dataset import build_transform
     from dataset.grounding_dataset import GroundingEvalDataset, load_dets, load_ground_truth, reference_problems
-    from dataset.grounding_eval import grounding_accuracy, proposal_stats
+    from dataset.grounding_eval import proposal_stats, ref_outcomes, split_accuracy
     from engine import distributed
 
     dataset = GroundingEvalDataset(config["test_file"], build_transform("test", config["image_res"]),
@@ -173,13 +180,19 @@ def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device)
                     "one proposal at IoU >= 0.5 for %.1f%%", split, s["n"], 100 * s["chance"], s["min_proposals"],
                     100 * s["one_hit"])
 
+    texts = {ann["ref_id"]: ann["text"] for ann in reversed(dataset.ann)}  # a repeated id: its first text
+
     def evaluate(model: torch.nn.Module, epoch: int = 0) -> dict[str, float]:
         maps = collect_maps(model, dataset, tokenizer, device, config)
         metrics = None
         if distributed.is_main_process():
-            metrics = {**grounding_accuracy(maps, truth, dets, config["box_alpha"]), "n_refs": len(maps)}
+            outcomes = ref_outcomes(maps, truth, dets, config["box_alpha"])
+            metrics = {**split_accuracy(outcomes), "n_refs": len(maps)}
+            evaluate.outcomes[epoch] = [{"ref_id": r, "text": texts[r], **outcomes[r]}
+                                        for r in dict.fromkeys(dataset.ref_ids) if r in outcomes]
         return distributed.broadcast_object(metrics)
 
+    evaluate.outcomes = {}
     return evaluate
 
 
@@ -210,8 +223,19 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, evaluate: Calla
     return {**results, **history.get(best, {k: v for k, v in record.items() if k.endswith("_d")})}
 
 
+def write_ref_outcomes(output_dir: str, rows: list[dict]) -> None:
+    """``result/grounding_refs.json``: the evaluated epoch's box and verdict for every expression, for error
+    analysis (``scripts/toy_grounding_kinds.py`` groups the toy world's by expression kind)."""
+    path = os.path.join(output_dir, "result", "grounding_refs.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rows, f)
+    logger.info("per-expression boxes and verdicts: %s", path)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Fine-tune and/or evaluate; returns the results written to ``grounding_metrics.json``."""
+    """Fine-tune and/or evaluate; returns the results written to ``grounding_metrics.json`` (and the per-expression
+    rows to ``grounding_refs.json``)."""
     args = parse_args(argv)
     from engine import distributed, task_run, trainer
     from models.albef import ALBEFConfig
@@ -234,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         results = run_training(model, args, config, evaluate, tokenizer, device)
     task_run.write_results(args.output_dir, results, "grounding", flatten=None, round_floats=False)
+    epoch = 0 if args.evaluate else results["best_epoch"]
+    if distributed.is_main_process() and epoch in evaluate.outcomes:
+        write_ref_outcomes(args.output_dir, evaluate.outcomes[epoch])
     distributed.barrier()
     return results
 

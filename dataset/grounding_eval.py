@@ -70,10 +70,10 @@ def _check_refs(maps: Mapping[int, Tensor], truth: Mapping[int, RefTruth], dets:
         raise KeyError(f"{len(no_dets)} image(s) have no proposals in the detection file, e.g. {no_dets[:5]}")
 
 
-def grounding_accuracy(
+def ref_outcomes(
     maps: Mapping[int, Tensor], truth: Mapping[int, RefTruth], dets: Mapping[str, list], alpha: float = 0.5,
-) -> dict[str, float]:
-    """Accuracy per split of the boxes the maps pick.
+) -> dict[int, dict]:
+    """The box each map picks: ``{ref_id: {"split", "box": [x, y, w, h], "iou", "correct"}}`` in the maps' order.
 
     Args:
         maps: ref_id -> Grad-CAM map (G, G).
@@ -81,22 +81,36 @@ def grounding_accuracy(
         dets: ``{str(image_id): [[x, y, w, h, ...], ...]}`` proposals (the official ``dets.json``).
         alpha: the area exponent of the box score.
 
-    Returns:
-        ``{f'{split}_d': fraction correct}`` for every split the maps cover, in first-seen order.
-
     Raises:
         KeyError: a ref_id without ground truth or an image without proposals.
     """
     _check_refs(maps, truth, dets)
-    correct: dict[str, int] = {}
-    total: dict[str, int] = {}
+    out = {}
     for ref_id, heat in maps.items():
         ref = truth[ref_id]
         boxes = dets[str(ref.image_id)]
-        best = boxes[pick_box(upsample_map(heat, ref.height, ref.width), boxes, alpha)]
-        total[ref.split] = total.get(ref.split, 0) + 1
-        correct[ref.split] = correct.get(ref.split, 0) + (compute_iou(ref.bbox, best[:4]) >= 0.5)
+        best = list(boxes[pick_box(upsample_map(heat, ref.height, ref.width), boxes, alpha)][:4])
+        iou = compute_iou(ref.bbox, best)
+        out[ref_id] = {"split": ref.split, "box": best, "iou": iou, "correct": iou >= 0.5}
+    return out
+
+
+def split_accuracy(outcomes: Mapping[int, Mapping]) -> dict[str, float]:
+    """``{f'{split}_d': fraction correct}`` of :func:`ref_outcomes` for every split, in first-seen order."""
+    correct: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for row in outcomes.values():
+        total[row["split"]] = total.get(row["split"], 0) + 1
+        correct[row["split"]] = correct.get(row["split"], 0) + bool(row["correct"])
     return {f"{split}_d": correct[split] / total[split] for split in total}
+
+
+def grounding_accuracy(
+    maps: Mapping[int, Tensor], truth: Mapping[int, RefTruth], dets: Mapping[str, list], alpha: float = 0.5,
+) -> dict[str, float]:
+    """Accuracy per split of the boxes the maps pick: ``{f'{split}_d': fraction correct}`` for every split the
+    maps cover, in first-seen order (arguments and errors: :func:`ref_outcomes`)."""
+    return split_accuracy(ref_outcomes(maps, truth, dets, alpha))
 
 
 def proposal_stats(ref_ids: Sequence[int], truth: Mapping[int, RefTruth], dets: Mapping[str, list]) -> dict:

@@ -10,9 +10,29 @@ its inputs.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 
-from dataset.toy_scene import Scene, ToyObject, is_above
+from dataset.toy_scene import COLORS, SHAPES, SIZES, Scene, ToyObject, is_above
+
+# The kinds of expression of the grammar below, in the order `referring_expressions` lists them; the last two
+# use location words, which RefCOCO+ (paper Table 5) does not allow and RefCOCO does.
+_SHAPE, _COLOR, _SIZE = "|".join(SHAPES), "|".join(COLORS), "|".join(SIZES)
+EXPRESSION_KINDS: dict[str, str] = {
+    "colour shape": rf"the ({_COLOR}) ({_SHAPE})",
+    "size colour shape": rf"the ({_SIZE}) ({_COLOR}) ({_SHAPE})",
+    "shape": rf"the ({_SHAPE})",
+    "colour": rf"the ({_COLOR}) (shape|object)",
+    "size shape": rf"the ({_SIZE}) ({_SHAPE})",
+    "top / bottom": r"the shape at the (top|bottom)",
+    "relation": rf"the ({_SHAPE}) (above|below) the ({_COLOR}) ({_SHAPE})",
+}
+LOCATION_KINDS = ("top / bottom", "relation")
+
+
+def expression_kind(text: str) -> str:
+    """The kind of a toy referring expression (a key of `EXPRESSION_KINDS`), or "other" outside the grammar."""
+    return next((kind for kind, pattern in EXPRESSION_KINDS.items() if re.fullmatch(pattern, text)), "other")
 
 
 def referring_expressions(scene: Scene, target: ToyObject) -> list[str]:

@@ -523,6 +523,14 @@ def test_main_fine_tunes_then_evaluates(world: Path, fine_tuned: tuple[Path, dic
     assert {k: evaluated[k] for k in ACCURACY_KEYS} == {k: results[k] for k in ACCURACY_KEYS}
     saved = json.loads((tmp_path / "eval" / "result" / "grounding_metrics.json").read_text())
     assert saved == pytest.approx(evaluated)
+    test_items = json.loads((world / "grounding_test_15.json").read_text())
+    for out in (run, tmp_path / "eval"):  # the best epoch's rows, then the evaluation's: one per expression
+        rows = json.loads((out / "result" / "grounding_refs.json").read_text())
+        assert [(r["ref_id"], r["text"]) for r in rows] == [(t["ref_id"], t["text"]) for t in test_items]
+        assert all(r["correct"] == (r["iou"] >= 0.5) and len(r["box"]) == 4 for r in rows)
+        for split in ("val", "testA", "testB"):
+            verdicts = [r["correct"] for r in rows if r["split"] == split]
+            assert sum(verdicts) / len(verdicts) == results[f"{split}_d"]
     args = Grounding.parse_args(grounding_argv(world, tmp_path, "--gradcam_mode", "itc", "--block_num", "3"))
     assert args.override[-2:] == ["gradcam_mode=itc", "block_num=3"]  # the official flags win over the config
 
@@ -543,7 +551,7 @@ def test_two_processes_evaluate_exactly_like_one(world: Path, fine_tuned: tuple[
         k: one[k] for k in ACCURACY_KEYS}
     assert len({one["val_d"], one["testA_d"], one["testB_d"]}) > 1 or 0 < one["val_d"] < 1
     assert sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file()) == [
-        "config.yaml", "log.txt", "result/grounding_metrics.json", "train.log"]
+        "config.yaml", "log.txt", "result/grounding_metrics.json", "result/grounding_refs.json", "train.log"]
 
 
 # ----------------------------------------------------------------------------- benchmark section
