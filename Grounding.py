@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from engine.config import COMMON_DEFAULTS, ConfigError, get_parser
@@ -156,49 +155,52 @@ def collect_maps(model: ALBEFRetrieval, dataset: GroundingEvalDataset, tokenizer
     return maps_by_ref(all_ids, all_maps)
 
 
-def make_evaluator(config: dict, tokenizer: TextTokenizer, device: torch.device) -> Callable:
-    """``evaluate(model, epoch) -> {'val_d', 'testA_d', 'testB_d', ..., 'n_refs'}`` on the test files.
+class GroundingEvaluator:
+    """``evaluator(model, epoch) -> {'val_d', 'testA_d', 'testB_d', ..., 'n_refs'}`` on the test files.
 
-    ``evaluate.outcomes[epoch]`` keeps, on the main process, one row per expression in test-file order:
+    Builds the evaluation set, reads the ground truth and the proposals, and checks them once, before any
+    training. ``outcomes[epoch]`` keeps, on the main process, one row per expression in test-file order:
     ``{"ref_id", "text", "split", "box" (the picked proposal [x, y, w, h]), "iou", "correct"}``.
     """
-    from dataset import build_transform
-    from dataset.grounding_dataset import GroundingEvalDataset, load_dets, load_ground_truth, reference_problems
-    from dataset.grounding_eval import proposal_stats, ref_outcomes, split_accuracy
-    from engine import distributed
 
-    dataset = GroundingEvalDataset(config["test_file"], build_transform("test", config["image_res"]),
-                                   config["image_root"], config["max_words"])
-    truth = load_ground_truth(config["refcoco_data"], config["refer_dataset"], config["refer_split_by"])
-    dets = load_dets(config["det_file"])
-    problems = reference_problems(dataset.ref_ids, truth, dets)
-    if problems:  # found now, not after an epoch of training
-        raise ConfigError(f"{'; '.join(problems)} (ground truth {config['refcoco_data']}, proposals "
-                          f"{config['det_file']})")
-    for split, s in proposal_stats(dataset.ref_ids, truth, dets).items():
-        logger.info("%s: %d expressions, chance accuracy %.2f%% (mean 1/#proposals), fewest proposals %d, exactly "
-                    "one proposal at IoU >= 0.5 for %.1f%%", split, s["n"], 100 * s["chance"], s["min_proposals"],
-                    100 * s["one_hit"])
+    def __init__(self, config: dict, tokenizer: TextTokenizer, device: torch.device) -> None:
+        from dataset import build_transform
+        from dataset.grounding_dataset import GroundingEvalDataset, load_dets, load_ground_truth, reference_problems
+        from dataset.grounding_eval import proposal_stats
 
-    texts = {ann["ref_id"]: ann["text"] for ann in reversed(dataset.ann)}  # a repeated id: its first text
+        self.config, self.tokenizer, self.device = config, tokenizer, device
+        self.dataset = GroundingEvalDataset(config["test_file"], build_transform("test", config["image_res"]),
+                                            config["image_root"], config["max_words"])
+        self.truth = load_ground_truth(config["refcoco_data"], config["refer_dataset"], config["refer_split_by"])
+        self.dets = load_dets(config["det_file"])
+        problems = reference_problems(self.dataset.ref_ids, self.truth, self.dets)
+        if problems:  # found now, not after an epoch of training
+            raise ConfigError(f"{'; '.join(problems)} (ground truth {config['refcoco_data']}, proposals "
+                              f"{config['det_file']})")
+        for split, s in proposal_stats(self.dataset.ref_ids, self.truth, self.dets).items():
+            logger.info("%s: %d expressions, chance accuracy %.2f%% (mean 1/#proposals), fewest proposals %d, "
+                        "exactly one proposal at IoU >= 0.5 for %.1f%%", split, s["n"], 100 * s["chance"],
+                        s["min_proposals"], 100 * s["one_hit"])
+        self.texts = {ann["ref_id"]: ann["text"] for ann in reversed(self.dataset.ann)}  # repeated id: first text
+        self.outcomes: dict[int, list[dict]] = {}
 
-    def evaluate(model: torch.nn.Module, epoch: int = 0) -> dict[str, float]:
-        maps = collect_maps(model, dataset, tokenizer, device, config)
+    def __call__(self, model: torch.nn.Module, epoch: int = 0) -> dict[str, float]:
+        from dataset.grounding_eval import ref_outcomes, split_accuracy
+        from engine import distributed
+
+        maps = collect_maps(model, self.dataset, self.tokenizer, self.device, self.config)
         metrics = None
         if distributed.is_main_process():
-            outcomes = ref_outcomes(maps, truth, dets, config["box_alpha"])
+            outcomes = ref_outcomes(maps, self.truth, self.dets, self.config["box_alpha"])
             metrics = {**split_accuracy(outcomes), "n_refs": len(maps)}
-            evaluate.outcomes[epoch] = [{"ref_id": r, "text": texts[r], **outcomes[r]}
-                                        for r in dict.fromkeys(dataset.ref_ids) if r in outcomes]
+            self.outcomes[epoch] = [{"ref_id": r, "text": self.texts[r], **outcomes[r]}
+                                    for r in dict.fromkeys(self.dataset.ref_ids) if r in outcomes]
         return distributed.broadcast_object(metrics)
-
-    evaluate.outcomes = {}
-    return evaluate
 
 
 # ----------------------------------------------------------------------------- runs
-def run_training(model: ALBEFRetrieval, args: Any, config: dict, evaluate: Callable, tokenizer: TextTokenizer,
-                 device: torch.device) -> dict:
+def run_training(model: ALBEFRetrieval, args: Any, config: dict, evaluate: GroundingEvaluator,
+                 tokenizer: TextTokenizer, device: torch.device) -> dict:
     """Fine-tune with ``trainer.fit``; each epoch evaluates every split, ``val_d`` picks the best."""
     from dataset import build_transform, create_loader
     from dataset.grounding_dataset import GroundingTrainDataset
@@ -223,10 +225,18 @@ def run_training(model: ALBEFRetrieval, args: Any, config: dict, evaluate: Calla
     return {**results, **history.get(best, {k: v for k, v in record.items() if k.endswith("_d")})}
 
 
-def write_ref_outcomes(output_dir: str, rows: list[dict]) -> None:
+def write_ref_outcomes(output_dir: str, rows: list[dict] | None) -> None:
     """``result/grounding_refs.json``: the evaluated epoch's box and verdict for every expression, for error
-    analysis (``scripts/toy_grounding_kinds.py`` groups the toy world's by expression kind)."""
+    analysis (``scripts/toy_grounding_kinds.py`` groups the toy world's by expression kind). ``rows`` None (a
+    resumed run whose best epoch was evaluated before the resume): an older file is removed, not left to
+    contradict ``grounding_metrics.json``."""
     path = os.path.join(output_dir, "result", "grounding_refs.json")
+    if rows is None:
+        if os.path.exists(path):
+            os.remove(path)
+        logger.warning("the best epoch was evaluated before this run resumed: no %s (evaluate checkpoint_best.pth "
+                       "with --evaluate to write it)", path)
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(rows, f)
@@ -247,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        [*CONFIG_CHECKS, *TRAINING_CHECKS])
     tokenizer = TextTokenizer(args.text_encoder)
     model = ALBEFRetrieval(ALBEFConfig.from_config(config))
-    evaluate = make_evaluator(config, tokenizer, device)
+    evaluate = GroundingEvaluator(config, tokenizer, device)
     if args.evaluate:
         if args.checkpoint:
             load_weights(model, args.checkpoint)
@@ -258,9 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         results = run_training(model, args, config, evaluate, tokenizer, device)
     task_run.write_results(args.output_dir, results, "grounding", flatten=None, round_floats=False)
-    epoch = 0 if args.evaluate else results["best_epoch"]
-    if distributed.is_main_process() and epoch in evaluate.outcomes:
-        write_ref_outcomes(args.output_dir, evaluate.outcomes[epoch])
+    if distributed.is_main_process():
+        write_ref_outcomes(args.output_dir, evaluate.outcomes.get(0 if args.evaluate else results["best_epoch"]))
     distributed.barrier()
     return results
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataset.toy_scene import COLORS, SHAPES, SIZES, Scene, ToyObject, is_above
 
 # The kinds of expression of the grammar below, in the order `referring_expressions` lists them; the last two
-# use location words, which RefCOCO+ (paper Table 5) does not allow and RefCOCO does.
+# use location words, which RefCOCO+ (the benchmark of the paper's Table 5) forbids and RefCOCO allows.
 _SHAPE, _COLOR, _SIZE = "|".join(SHAPES), "|".join(COLORS), "|".join(SIZES)
 EXPRESSION_KINDS: dict[str, str] = {
     "colour shape": rf"the ({_COLOR}) ({_SHAPE})",

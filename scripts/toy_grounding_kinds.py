@@ -3,15 +3,15 @@
     python scripts/toy_grounding_kinds.py output/toy_grounding/result/grounding_refs.json
 
 Prints a Markdown table: one row per kind of the toy grammar (``dataset.toy_grounding.EXPRESSION_KINDS``), one
-column per split, each cell the accuracy in % and the number of expressions; then all expressions, and those
-without location words ("the shape at the top", "the star above the red circle"), which RefCOCO+ does not allow.
+column per split (val, testA, testB, then any other), each cell the accuracy in % and the number of expressions;
+then all expressions, and those without location words ("the shape at the top", "the star above the red circle"),
+which RefCOCO+ does not allow.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,30 +20,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset.toy_grounding import EXPRESSION_KINDS, LOCATION_KINDS, expression_kind  # noqa: E402
 
-logger = logging.getLogger("toy_grounding_kinds")
+SPLIT_ORDER = ("val", "testA", "testB")  # RefCOCO+'s, as the paper's Table 5
 
 
 def accuracy_by_kind(rows: Iterable[dict]) -> dict[str, dict[str, tuple[float, int]]]:
-    """``{row name: {split: (accuracy %, n)}}`` for the kinds present, "all" and "no location words".
+    """``{row name: {split: (accuracy %, n)}}`` for the kinds present, "all" and "without location words".
 
     ``rows`` are ``grounding_refs.json`` rows (``text``, ``split``, ``correct``).
     """
     tally: dict[str, dict[str, list[int]]] = {}
     for row in rows:
         kind = expression_kind(row["text"])
-        groups = [kind, "all"] + ([] if kind in LOCATION_KINDS else ["no location words"])
+        groups = [kind, "all"] + ([] if kind in LOCATION_KINDS else ["without location words"])
         for group in groups:
             counts = tally.setdefault(group, {}).setdefault(row["split"], [0, 0])
             counts[0] += bool(row["correct"])
             counts[1] += 1
-    order = [*EXPRESSION_KINDS, "other", "all", "no location words"]
+    order = [*EXPRESSION_KINDS, "other", "all", "without location words"]
     return {group: {split: (100.0 * c / n, n) for split, (c, n) in tally[group].items()}
             for group in order if group in tally}
 
 
 def markdown_table(table: dict[str, dict[str, tuple[float, int]]]) -> str:
-    """The table of :func:`accuracy_by_kind` as Markdown, splits in first-seen order, cells ``acc (n)``."""
-    splits = list(dict.fromkeys(split for cells in table.values() for split in cells))
+    """The table of :func:`accuracy_by_kind` as Markdown: columns val, testA, testB (those present), then any other
+    split in first-seen order; cells ``acc (n)``."""
+    seen = list(dict.fromkeys(split for cells in table.values() for split in cells))
+    splits = [s for s in SPLIT_ORDER if s in seen] + [s for s in seen if s not in SPLIT_ORDER]
     lines = ["| expressions | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
     for group, cells in table.items():
         shown = [f"{cells[s][0]:.1f} ({cells[s][1]})" if s in cells else "" for s in splits]
@@ -52,13 +54,20 @@ def markdown_table(table: dict[str, dict[str, tuple[float, int]]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Print (and return) the table of one ``grounding_refs.json``; an unreadable file or one that is not a list
+    of rows stops with a usage error naming it."""
+    parser = argparse.ArgumentParser(description="Toy grounding accuracy per kind of referring expression, from "
+                                                 "the grounding_refs.json that Grounding.py writes.")
     parser.add_argument("refs", help="grounding_refs.json written by Grounding.py (output_dir/result/)")
     args = parser.parse_args(argv)
     try:
         rows = json.loads(Path(args.refs).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         parser.error(f"cannot read {args.refs}: {err}")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"text", "split", "correct"} <= r.keys()
+                                             for r in rows):
+        parser.error(f"{args.refs} is not a list of rows with text, split and correct (Grounding.py's "
+                     "result/grounding_refs.json)")
     table = markdown_table(accuracy_by_kind(rows))
     print(table)  # the table is the output
     return table

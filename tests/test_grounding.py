@@ -572,3 +572,13 @@ def test_gradcam_benchmark_section_rows(tmp_path: Path) -> None:
     assert header[-3:] == ["rank_ms", "cpu_s_per_batch", "cpu_maps_per_s"] and "steps_s" not in header
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--gradcam-modes", "itm,gradient"])
+
+
+def test_ref_outcomes_file_is_written_or_a_stale_one_removed(tmp_path: Path) -> None:
+    import Grounding
+
+    rows = [{"ref_id": 3, "text": "the red star", "split": "val", "box": [1, 2, 3, 4], "iou": 0.7, "correct": True}]
+    Grounding.write_ref_outcomes(str(tmp_path), rows)
+    assert json.loads((tmp_path / "result" / "grounding_refs.json").read_text()) == rows
+    Grounding.write_ref_outcomes(str(tmp_path), None)  # a resumed run's best epoch, evaluated before the resume
+    assert not (tmp_path / "result" / "grounding_refs.json").exists()

@@ -58,15 +58,18 @@ def test_accuracy_by_kind_and_its_table(tmp_path: Path, capsys: pytest.CaptureFi
         "top / bottom": {"val": (0.0, 1)},
         "relation": {"testB": (100.0, 1)},
         "all": {"val": (100 / 3, 3), "testB": (100.0, 2)},
-        "no location words": {"val": (50.0, 2), "testB": (100.0, 1)},
+        "without location words": {"val": (50.0, 2), "testB": (100.0, 1)},
     }
     path = tmp_path / "grounding_refs.json"
-    path.write_text(json.dumps(rows))
+    path.write_text(json.dumps(rows[::-1]))  # testB first: the columns keep RefCOCO+'s order
     printed = toy_grounding_kinds.main([str(path)])
     assert printed.splitlines()[:3] == ["| expressions | val | testB |", "|---|---|---|",
                                         "| colour shape | 100.0 (1) | 100.0 (1) |"]
     assert printed.splitlines()[-2:] == ["| all | 33.3 (3) | 100.0 (2) |",
-                                         "| no location words | 50.0 (2) | 100.0 (1) |"]
+                                         "| without location words | 50.0 (2) | 100.0 (1) |"]
     assert capsys.readouterr().out.strip() == printed
-    with pytest.raises(SystemExit):
-        toy_grounding_kinds.main([str(tmp_path / "missing.json")])
+    (tmp_path / "metrics.json").write_text(json.dumps({"val_d": 0.5}))
+    for bad in ("missing.json", "metrics.json"):
+        with pytest.raises(SystemExit):
+            toy_grounding_kinds.main([str(tmp_path / bad)])
+        assert bad in capsys.readouterr().err
