@@ -19,7 +19,9 @@ from the loaded weights (``teacher_init: loaded``, default); ``teacher_init: ran
 ``eval_ema`` is accepted for the official config files and unused (as in the official code).
 
 Each epoch evaluates dev (``val_file``; ``val_acc`` picks ``checkpoint_best.pth``); the best checkpoint is then
-evaluated on test-P (``test_file``). Results in ``output_dir/result/nlvr_metrics.json`` and ``log.txt``.
+evaluated on test-P (``test_file``). Results in ``output_dir/result/nlvr_metrics.json`` and ``log.txt``; each
+statement's label and prediction in ``result/nlvr_predictions.json`` (``scripts/toy_nlvr_kinds.py`` tabulates a toy
+run's by kind of statement).
 """
 
 from __future__ import annotations

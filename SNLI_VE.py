@@ -9,7 +9,8 @@ A 3-way MLP head (contradiction / neutral / entailment) on the fused [CLS] state
 distillation (``distill``: ``(1 - alpha) CE + alpha`` soft CE against the momentum model). Each epoch evaluates
 val (``val_acc`` picks ``checkpoint_best.pth``); the best checkpoint is then evaluated on test. ``--evaluate``
 only evaluates val and test. ``output_dir/result/ve_metrics.json`` holds accuracy, per-class accuracy and the
-confusion matrix (``confusion[true][predicted]``) of each split; ``log.txt`` one line per epoch.
+confusion matrix (``confusion[true][predicted]``) of each split, ``ve_predictions.json`` each item's label and
+prediction (the evaluated weights'); ``log.txt`` one line per epoch.
 
 The shared classification glue below (step function, evaluator, training and evaluation runs) serves NLVR.py too.
 """
@@ -17,7 +18,9 @@ The shared classification glue below (step function, evaluator, training and eva
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -208,9 +211,24 @@ def run_classifier_task(args: argparse.Namespace, defaults: dict, model_cls: typ
         logger.info("%d training %s", len(train_set), noun)
         results = run_training(model, args, config, train_set, splits, evaluate,
                                make_step_fn(tokenizer, config, device), config[batch_keys[0]], device)
+    write_predictions(args.output_dir, results, name)
     task_run.write_results(args.output_dir, results, name, flat_metrics)
     distributed.barrier()
     return results
+
+
+def write_predictions(output_dir: str, results: dict, name: str) -> None:
+    """Move each split's ``predictions`` out of ``results`` into ``result/<name>_predictions.json`` (rank 0):
+    ``{split: [{index, sentence, label, prediction}, ...]}``, the evaluated weights' (training: the best epoch's),
+    for per-item error analysis (``scripts/toy_nlvr_kinds.py``)."""
+    from engine import distributed
+
+    predictions = {split: results[split].pop("predictions") for split in ("val", "test")
+                   if "predictions" in results.get(split, {})}
+    if distributed.is_main_process():
+        os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
+        with open(os.path.join(output_dir, "result", f"{name}_predictions.json"), "w", encoding="utf-8") as f:
+            json.dump(predictions, f, indent=1)
 
 
 def main(argv: list[str] | None = None) -> dict:

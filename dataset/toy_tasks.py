@@ -9,6 +9,7 @@ relation follow `is_above` (boxes vertically disjoint), so they stay true under 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 
 from dataset.toy_scene import (
@@ -160,6 +161,26 @@ def _nlvr_statement(a: Scene, b: Scene, rng: random.Random) -> tuple[str, bool]:
         (f"no image contains {article(shape)} {shape}", not any(has_shape)),
     ]
     return rng.choice(statements)
+
+
+_SHAPE, _SHAPES, _COLOR = "|".join(SHAPES), "|".join(PLURALS.values()), "|".join(COLORS)
+_NUMBER = "|".join(NUMBERS)
+# The kinds of `_nlvr_statement`, one per template, each named by its template.
+NLVR_KINDS: dict[str, str] = {
+    "the left/right image contains a <colour> <shape>": rf"the (left|right) image contains an? ({_COLOR}) ({_SHAPE})",
+    "both images contain exactly <n> shapes": rf"both images contain exactly ({_NUMBER}) shapes?",
+    "there are <n> <shapes> in total": rf"there are ({_NUMBER}) ({_SHAPES}) in total",
+    "both images contain a <shape>": rf"both images contain an? ({_SHAPE})",
+    "the left image contains more shapes than the right image":
+        r"the left image contains more shapes than the right image",
+    "only one image contains a <colour> shape": rf"only one image contains an? ({_COLOR}) shape",
+    "no image contains a <shape>": rf"no image contains an? ({_SHAPE})",
+}
+
+
+def nlvr_statement_kind(sentence: str) -> str:
+    """The kind of a toy NLVR2 statement (a key of `NLVR_KINDS`), or "other" outside the toy templates."""
+    return next((kind for kind, pattern in NLVR_KINDS.items() if re.fullmatch(pattern, sentence)), "other")
 
 
 def build_nlvr(

@@ -86,12 +86,22 @@ def classification_metrics(rows: Tensor, num_items: int, class_names: Sequence[s
             "per_class_acc": per_class, "confusion": confusion.tolist(), "classes": list(class_names)}
 
 
+def prediction_rows(rows: Tensor, dataset: Dataset, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """``predict``'s rows as one dict per classified item, in item order: ``index`` (position in the split's
+    annotation files, concatenated), ``sentence`` (as in the file), ``label`` and ``prediction`` (class names).
+    ``dataset.ann`` holds the items (``NLVRDataset``, ``VEDataset``)."""
+    return [{"index": i, "sentence": dataset.ann[i]["sentence"], "label": class_names[label],
+             "prediction": class_names[pred]} for i, pred, label in rows.tolist()]
+
+
 def evaluate_classifier(model: torch.nn.Module, dataset: Dataset, tokenizer: TextTokenizer, device: torch.device,
                         class_names: Sequence[str], batch_size: int, max_tokens: int, num_workers: int = 0,
                         amp: str = "off") -> dict[str, Any]:
-    """:func:`predict` then :func:`classification_metrics` (the same dict on every rank)."""
+    """:func:`predict` then :func:`classification_metrics` (the same dict on every rank), with the items'
+    :func:`prediction_rows` under ``predictions``."""
     rows = predict(model, dataset, tokenizer, device, batch_size, max_tokens, num_workers, amp)
     metrics = classification_metrics(rows, len(dataset), class_names)
+    metrics["predictions"] = prediction_rows(rows, dataset, class_names)
     if metrics["skipped"]:
         logger.warning("%d of %d evaluation items skipped (unreadable images)", metrics["skipped"], len(dataset))
     logger.info("accuracy %.2f on %d items", metrics["acc"], metrics["n"])

@@ -23,30 +23,39 @@ from dataset.toy_grounding import EXPRESSION_KINDS, LOCATION_KINDS, expression_k
 SPLIT_ORDER = ("val", "testA", "testB")  # RefCOCO+'s, as the paper's Table 5
 
 
+def accuracy_table(items: Iterable[tuple[Sequence[str], str, bool]], order: Sequence[str]
+                   ) -> dict[str, dict[str, tuple[float, int]]]:
+    """``{group: {split: (accuracy %, n)}}`` of ``(groups, split, correct)`` items (each item counts in every one
+    of its groups), for the groups of ``order`` that occur, in that order."""
+    tally: dict[str, dict[str, list[int]]] = {}
+    for groups, split, correct in items:
+        for group in groups:
+            counts = tally.setdefault(group, {}).setdefault(split, [0, 0])
+            counts[0] += bool(correct)
+            counts[1] += 1
+    return {group: {split: (100.0 * c / n, n) for split, (c, n) in tally[group].items()}
+            for group in order if group in tally}
+
+
 def accuracy_by_kind(rows: Iterable[dict]) -> dict[str, dict[str, tuple[float, int]]]:
     """``{row name: {split: (accuracy %, n)}}`` for the kinds present, "all" and "without location words".
 
     ``rows`` are ``grounding_refs.json`` rows (``text``, ``split``, ``correct``).
     """
-    tally: dict[str, dict[str, list[int]]] = {}
-    for row in rows:
-        kind = expression_kind(row["text"])
-        groups = [kind, "all"] + ([] if kind in LOCATION_KINDS else ["without location words"])
-        for group in groups:
-            counts = tally.setdefault(group, {}).setdefault(row["split"], [0, 0])
-            counts[0] += bool(row["correct"])
-            counts[1] += 1
-    order = [*EXPRESSION_KINDS, "other", "all", "without location words"]
-    return {group: {split: (100.0 * c / n, n) for split, (c, n) in tally[group].items()}
-            for group in order if group in tally}
+    def groups(text: str) -> list[str]:
+        kind = expression_kind(text)
+        return [kind, "all"] + ([] if kind in LOCATION_KINDS else ["without location words"])
+
+    return accuracy_table(((groups(row["text"]), row["split"], row["correct"]) for row in rows),
+                          [*EXPRESSION_KINDS, "other", "all", "without location words"])
 
 
-def markdown_table(table: dict[str, dict[str, tuple[float, int]]]) -> str:
-    """The table of :func:`accuracy_by_kind` as Markdown: columns val, testA, testB (those present), then any other
-    split in first-seen order; cells ``acc (n)``."""
+def markdown_table(table: dict[str, dict[str, tuple[float, int]]], first_column: str = "expressions") -> str:
+    """A table of :func:`accuracy_table` as Markdown: columns val, testA, testB (those present), then any other
+    split in first-seen order; cells ``acc (n)``; ``first_column`` heads the row names."""
     seen = list(dict.fromkeys(split for cells in table.values() for split in cells))
     splits = [s for s in SPLIT_ORDER if s in seen] + [s for s in seen if s not in SPLIT_ORDER]
-    lines = ["| expressions | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    lines = [f"| {first_column} | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
     for group, cells in table.items():
         shown = [f"{cells[s][0]:.1f} ({cells[s][1]})" if s in cells else "" for s in splits]
         lines.append(f"| {group} | " + " | ".join(shown) + " |")

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from test_model import ROOT, read_manifest
-from test_ve import pretrain_checkpoint, read_result, spread_checkpoint, torchrun, toy_model_config
+from test_ve import (
+    check_predictions,
+    pretrain_checkpoint,
+    read_predictions,
+    read_result,
+    spread_checkpoint,
+    torchrun,
+    toy_model_config,
+)
 
 from conftest import tiny_albef
 from dataset.nlvr_dataset import NLVRDataset, nlvr_label
@@ -298,6 +306,9 @@ def test_ta_then_nlvr_fine_tuning_from_the_ta_checkpoint(world: str, tmp_path: P
     for split, n in (("val", 9), ("test", 12)):
         assert results[split]["n"] == n and results[split]["classes"] == ["False", "True"]
         assert torch.tensor(results[split]["confusion"]).sum() == n
+    check_predictions(read_predictions(out, "nlvr"), results,
+                      {split: f"{world}/nlvr_{split}.json" for split in ("val", "test")},
+                      {"True": "True", "False": "False"})
     state = torch.load(os.path.join(out, "checkpoint_00.pth"), weights_only=False)["model"]
     key = "text_encoder.encoder.layer.3.crossattention.self.key.weight"
     assert torch.equal(state[key], state[key.replace("layer.3", "layer.2")])  # still shared after training
@@ -316,6 +327,7 @@ def test_nlvr_two_processes_evaluate_exactly_like_one(world: str, tmp_path: Path
     metrics = read_result(two, "nlvr")
     for split in ("val", "test"):
         assert metrics[split] == json.loads(json.dumps(round32(one[split]))), split
+    assert read_predictions(two, "nlvr") == read_predictions(str(tmp_path / "one"), "nlvr")
     assert all(sum(row) for row in map(list, zip(*one["test"]["confusion"])))  # both classes predicted
 
 

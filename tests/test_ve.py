@@ -194,6 +194,29 @@ def read_result(out: str, name: str) -> dict:
         return json.load(fh)
 
 
+def read_predictions(out: str, name: str) -> dict:
+    with open(os.path.join(out, "result", f"{name}_predictions.json")) as fh:
+        return json.load(fh)
+
+
+def check_predictions(predictions: dict, results: dict, files: dict[str, str], label_names: dict) -> None:
+    """Each split's rows: every item once, in file order, its sentence and label from the file, and the
+    accuracy and confusion matrix of ``results`` recomputed from them."""
+    assert set(predictions) == {"val", "test"}
+    for split, rows in predictions.items():
+        with open(files[split]) as fh:
+            items = json.load(fh)
+        assert [row["index"] for row in rows] == list(range(len(items)))
+        assert [row["sentence"] for row in rows] == [item["sentence"] for item in items]
+        assert [row["label"] for row in rows] == [label_names[item["label"]] for item in items]
+        right = sum(row["label"] == row["prediction"] for row in rows)
+        assert results[split]["acc"] == pytest.approx(100 * right / len(rows), rel=1e-6)
+        classes = results[split]["classes"]
+        confusion = [[sum((r["label"], r["prediction"]) == (t, p) for r in rows) for p in classes] for t in classes]
+        assert confusion == results[split]["confusion"]
+        assert "predictions" not in results[split]  # in their own file, not in <task>_metrics.json
+
+
 def test_ve_main_fine_tunes_from_pretraining_and_reports_per_class_accuracy(world: str, tmp_path: Path) -> None:
     import SNLI_VE
 
@@ -213,6 +236,9 @@ def test_ve_main_fine_tunes_from_pretraining_and_reports_per_class_accuracy(worl
         lines = [json.loads(line) for line in fh]
     assert lines[0]["epoch"] == 0 and lines[0]["score"] == lines[0]["val_acc"] == round32(results["val"]["acc"])
     assert "val_acc_neutral" in lines[0] and len(lines) == 1  # one line per epoch; test results in ve_metrics.json
+    check_predictions(read_predictions(out, "ve"), results,
+                      {split: f"{world}/ve_{split}.json" for split in ("val", "test")},
+                      {name: name for name in ("contradiction", "neutral", "entailment")})
 
 
 def test_ve_two_processes_evaluate_exactly_like_one(world: str, tmp_path: Path) -> None:
@@ -228,4 +254,5 @@ def test_ve_two_processes_evaluate_exactly_like_one(world: str, tmp_path: Path) 
     metrics = read_result(two, "ve")
     for split in ("val", "test"):
         assert metrics[split] == json.loads(json.dumps(round32(one[split]))), split
+    assert read_predictions(two, "ve") == read_predictions(str(tmp_path / "one"), "ve")
     assert sum(1 for row in one["test"]["confusion"] for v in row if v) >= 3  # predictions differ between items
