@@ -219,8 +219,8 @@ def run_classifier_task(args: argparse.Namespace, defaults: dict, model_cls: typ
 
 def write_predictions(output_dir: str, results: dict, name: str) -> None:
     """Move each split's ``predictions`` out of ``results`` into ``result/<name>_predictions.json`` (rank 0):
-    ``{split: [{index, sentence, label, prediction}, ...]}``, the evaluated weights' (training: the best epoch's),
-    for per-item error analysis (``scripts/toy_nlvr_kinds.py``)."""
+    ``{split: [{index, sentence, label, prediction}, ...]}`` of the evaluated weights (training: the best val epoch's,
+    or the last weights' without val), for per-item error analysis (``scripts/toy_nlvr_kinds.py``)."""
     from engine import distributed
 
     predictions = {split: results[split].pop("predictions") for split in ("val", "test")

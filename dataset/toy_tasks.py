@@ -165,16 +165,16 @@ def _nlvr_statement(a: Scene, b: Scene, rng: random.Random) -> tuple[str, bool]:
 
 _SHAPE, _SHAPES, _COLOR = "|".join(SHAPES), "|".join(PLURALS.values()), "|".join(COLORS)
 _NUMBER = "|".join(NUMBERS)
-# The kinds of `_nlvr_statement`, one per template, each named by its template.
+# The kinds of `_nlvr_statement`, one per template, each named by its template (placeholders in capitals).
 NLVR_KINDS: dict[str, str] = {
-    "the left/right image contains a <colour> <shape>": rf"the (left|right) image contains an? ({_COLOR}) ({_SHAPE})",
-    "both images contain exactly <n> shapes": rf"both images contain exactly ({_NUMBER}) shapes?",
-    "there are <n> <shapes> in total": rf"there are ({_NUMBER}) ({_SHAPES}) in total",
-    "both images contain a <shape>": rf"both images contain an? ({_SHAPE})",
+    "the left/right image contains a COLOUR SHAPE": rf"the (left|right) image contains an? ({_COLOR}) ({_SHAPE})",
+    "both images contain exactly N shapes": rf"both images contain exactly ({_NUMBER}) shapes?",
+    "there are N SHAPEs in total": rf"there are ({_NUMBER}) ({_SHAPES}) in total",
+    "both images contain a SHAPE": rf"both images contain an? ({_SHAPE})",
     "the left image contains more shapes than the right image":
         r"the left image contains more shapes than the right image",
-    "only one image contains a <colour> shape": rf"only one image contains an? ({_COLOR}) shape",
-    "no image contains a <shape>": rf"no image contains an? ({_SHAPE})",
+    "only one image contains a COLOUR shape": rf"only one image contains an? ({_COLOR}) shape",
+    "no image contains a SHAPE": rf"no image contains an? ({_SHAPE})",
 }
 
 

@@ -17,16 +17,16 @@ import toy_nlvr_kinds  # noqa: E402
 
 
 @pytest.mark.parametrize(("sentence", "kind"), [
-    ("the left image contains a red circle", "the left/right image contains a <colour> <shape>"),
-    ("the right image contains an orange star", "the left/right image contains a <colour> <shape>"),
-    ("both images contain exactly one shape", "both images contain exactly <n> shapes"),
-    ("both images contain exactly three shapes", "both images contain exactly <n> shapes"),
-    ("there are two crosses in total", "there are <n> <shapes> in total"),
-    ("both images contain a diamond", "both images contain a <shape>"),
+    ("the left image contains a red circle", "the left/right image contains a COLOUR SHAPE"),
+    ("the right image contains an orange star", "the left/right image contains a COLOUR SHAPE"),
+    ("both images contain exactly one shape", "both images contain exactly N shapes"),
+    ("both images contain exactly three shapes", "both images contain exactly N shapes"),
+    ("there are two crosses in total", "there are N SHAPEs in total"),
+    ("both images contain a diamond", "both images contain a SHAPE"),
     ("the left image contains more shapes than the right image",
      "the left image contains more shapes than the right image"),
-    ("only one image contains a yellow shape", "only one image contains a <colour> shape"),
-    ("no image contains a triangle", "no image contains a <shape>"),
+    ("only one image contains a yellow shape", "only one image contains a COLOUR shape"),
+    ("no image contains a triangle", "no image contains a SHAPE"),
     ("the right image contains more shapes than the left image", "other"),  # not a toy template
     ("there are two cross in total", "other"),
     ("both images contain a red circle", "other"),
@@ -52,8 +52,8 @@ def test_accuracy_by_kind_and_its_table(tmp_path: Path, capsys: pytest.CaptureFi
         "test": [row("no image contains a cross", "False", "False"), row("a red star", "True", "True")],
     }
     assert toy_nlvr_kinds.accuracy_by_kind(predictions) == {
-        "both images contain a <shape>": {"val": (0.0, 1)},
-        "no image contains a <shape>": {"val": (50.0, 2), "test": (100.0, 1)},
+        "both images contain a SHAPE": {"val": (0.0, 1)},
+        "no image contains a SHAPE": {"val": (50.0, 2), "test": (100.0, 1)},
         "other": {"test": (100.0, 1)},
         "all": {"val": (100 / 3, 3), "test": (100.0, 2)},
     }
@@ -62,8 +62,8 @@ def test_accuracy_by_kind_and_its_table(tmp_path: Path, capsys: pytest.CaptureFi
     printed = toy_nlvr_kinds.main([str(path)])
     assert printed.splitlines() == [
         "| statements | val | test |", "|---|---|---|",
-        "| both images contain a <shape> | 0.0 (1) |  |",
-        "| no image contains a <shape> | 50.0 (2) | 100.0 (1) |",
+        "| both images contain a SHAPE | 0.0 (1) |  |",
+        "| no image contains a SHAPE | 50.0 (2) | 100.0 (1) |",
         "| other |  | 100.0 (1) |",
         "| all | 33.3 (3) | 100.0 (2) |",
     ]
