@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -62,6 +63,23 @@ def markdown_table(table: dict[str, dict[str, tuple[float, int]]], first_column:
     return "\n".join(lines)
 
 
+def read_json(parser: argparse.ArgumentParser, path: str, valid: Callable[[Any], bool], expected: str) -> Any:
+    """The JSON content of ``path``; an unreadable file, or content that ``valid`` rejects, stops with a usage
+    error naming the file (and ``expected``, what it should hold)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        parser.error(f"cannot read {path}: {err}")
+    if not valid(data):
+        parser.error(f"{path} is not {expected}")
+    return data
+
+
+def _is_refs(data: Any) -> bool:
+    return isinstance(data, list) and all(isinstance(r, dict) and {"text", "split", "correct"} <= r.keys()
+                                          for r in data)
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     """Print (and return) the table of one ``grounding_refs.json``; an unreadable file or one that is not a list
     of rows stops with a usage error naming it."""
@@ -69,14 +87,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                                                  "the grounding_refs.json that Grounding.py writes.")
     parser.add_argument("refs", help="grounding_refs.json written by Grounding.py (output_dir/result/)")
     args = parser.parse_args(argv)
-    try:
-        rows = json.loads(Path(args.refs).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        parser.error(f"cannot read {args.refs}: {err}")
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"text", "split", "correct"} <= r.keys()
-                                             for r in rows):
-        parser.error(f"{args.refs} is not a list of rows with text, split and correct (Grounding.py's "
-                     "result/grounding_refs.json)")
+    rows = read_json(parser, args.refs, _is_refs,
+                     "a list of rows with text, split and correct (Grounding.py's result/grounding_refs.json)")
     table = markdown_table(accuracy_by_kind(rows))
     print(table)  # the table is the output
     return table

@@ -10,7 +10,6 @@ statements. A statement outside the toy templates counts as "other".
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from toy_grounding_kinds import accuracy_table, markdown_table  # noqa: E402
+from toy_grounding_kinds import accuracy_table, markdown_table, read_json  # noqa: E402
 
 from dataset.toy_tasks import NLVR_KINDS, nlvr_statement_kind  # noqa: E402
 
@@ -45,13 +44,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                                                  "nlvr_predictions.json that NLVR.py writes.")
     parser.add_argument("predictions", help="nlvr_predictions.json written by NLVR.py (output_dir/result/)")
     args = parser.parse_args(argv)
-    try:
-        data = json.loads(Path(args.predictions).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        parser.error(f"cannot read {args.predictions}: {err}")
-    if not _is_predictions(data):
-        parser.error(f"{args.predictions} is not {{split: [rows with sentence, label and prediction]}} (NLVR.py's "
-                     "result/nlvr_predictions.json)")
+    data = read_json(parser, args.predictions, _is_predictions,
+                     "{split: [rows with sentence, label and prediction]} (NLVR.py's result/nlvr_predictions.json)")
     table = markdown_table(accuracy_by_kind(data), first_column="statements")
     print(table)  # the table is the output
     return table
