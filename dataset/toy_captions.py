@@ -15,6 +15,7 @@ from dataset.toy_render import make_object
 from dataset.toy_scene import (
     COLORS,
     NUMBERS,
+    PLURALS,
     SHAPES,
     SIZE_WORDS,
     SIZES,
@@ -125,6 +126,32 @@ def build_binding_captions(pretrain: Sequence[dict], scenes: Sequence[Scene], rn
     """``pretrain_binding.json``: each pre-training item's captions plus ``k`` :func:`partial_caption` ones."""
     return [{"image": item["image"], "caption": [*item["caption"], *(partial_caption(scene, rng) for _ in range(k))]}
             for item, scene in zip(pretrain, scenes, strict=True)]
+
+
+def object_names(scene: Scene) -> list[str]:
+    """Region captions naming one object each: "a big red star", "a large red star", "a red star"."""
+    names = []
+    for obj in scene.objects:
+        names += [f"{article(word)} {word} {obj.color} {obj.shape}" for word in SIZE_WORDS[obj.size]]
+        names.append(f"{article(obj.color)} {obj.color} {obj.shape}")
+    return names
+
+
+def shape_counts(scene: Scene) -> list[str]:
+    """Region captions naming a shape by its count ("a star", "two circles") and the number of shapes."""
+    counts = {shape: scene.count(shape=shape) for shape in dict.fromkeys(o.shape for o in scene.objects)}
+    phrases = [f"{article(s)} {s}" if n == 1 else f"{NUMBERS[n]} {PLURALS[s]}" for s, n in counts.items()]
+    n = len(scene.objects)
+    return [*phrases, "one shape" if n == 1 else f"{NUMBERS[n]} shapes"]
+
+
+def build_region_captions(scenes: Sequence[Scene], root: Path) -> list[dict[str, object]]:
+    """``pretrain_regions.json``: short region descriptions in the pre-training format, as Visual Genome's in
+    the official pre-training corpus (also the official text-assignment data). Two items per training image, one
+    whose captions each name one object (:func:`object_names`), one whose captions each name a shape with its
+    count or the number of objects (:func:`shape_counts`); every caption is true of its image."""
+    items = [{"image": str(root / s.image), "caption": object_names(s)} for s in scenes]
+    return items + [{"image": str(root / s.image), "caption": shape_counts(s)} for s in scenes]
 
 
 def _scene_record(scene: Scene) -> dict[str, object]:

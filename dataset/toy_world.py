@@ -7,6 +7,8 @@ annotation files of every downstream task in the official ALBEF formats (REFEREN
     images/{train,val,test}/NNNNN.png   ve_images/<image_id>.jpg
     pretrain.json            [{"image": ABSOLUTE path, "caption": [str, ...]}], ~10% noisy
     pretrain_binding.json    the same plus 3 captions per image naming some of its objects
+    pretrain_regions.json    region descriptions: per training image, one item naming one object per caption,
+                             one naming a shape with its count (text assignment's extra data)
     retrieval_train.json     [{"image": rel, "caption": str, "image_id": "train_NNNNN"}]
     retrieval_{val,test}.json [{"image": rel, "caption": [5 x str]}]
     vqa_train.json, vqa_test.json, vqa_test_answers.json, answer_list.json
@@ -37,7 +39,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dataset.toy_captions import build_binding_captions, build_captions
+from dataset.toy_captions import build_binding_captions, build_captions, build_region_captions
 from dataset.toy_grounding import build_grounding
 from dataset.toy_render import render_scene, sample_scene
 from dataset.toy_scene import Scene
@@ -47,8 +49,8 @@ logger = logging.getLogger(__name__)
 
 # Bumped when a generated file changes, so that worlds written by older code are regenerated (2: dets.json
 # distractors overlap no object at IoU >= 0.5; 3: pretrain_binding.json; 4: grounding_train_full.json;
-# 5: nlvr_train_extra.json).
-VERSION = 5
+# 5: nlvr_train_extra.json; 6: pretrain_regions.json).
+VERSION = 6
 
 
 # ----------------------------------------------------------------------------- writing
@@ -93,6 +95,7 @@ def _annotation_files(
     train, val, test = scenes["train"], scenes["val"], scenes["test"]
     files["pretrain_binding.json"] = build_binding_captions(files["pretrain.json"], train,
                                                             random.Random(f"{seed}-binding"))
+    files["pretrain_regions.json"] = build_region_captions(train, root)
     files.update(build_vqa(train, [*val, *test], random.Random(f"{seed}-vqa")))
     for split, split_scenes in scenes.items():
         rng = random.Random(f"{seed}-{split}")

@@ -293,8 +293,8 @@ def test_ta_then_nlvr_fine_tuning_from_the_ta_checkpoint(world: str, tmp_path: P
     record = Pretrain_nlvr.main([
         "--config", os.path.join(ROOT, "configs", "toy", "NLVR_pretrain.yaml"), "--output_dir", ta_out,
         "--device", "cpu", "--checkpoint", pretrain_checkpoint(str(tmp_path / "pre.pth")), "--override",
-        "toy_world=''", f"train_file=[{world}/pretrain.json]", "schedular.epochs=1", "batch_size=4",
-        "num_workers=0", "image_res=32"])
+        "toy_world=''", f"train_file=[{world}/pretrain.json, {world}/pretrain_regions.json]", "schedular.epochs=1",
+        "batch_size=4", "num_workers=0", "image_res=32"])
     assert record["epoch"] == 0 and 0 <= record["train_acc_ta"] <= 1 and record["train_loss_ta"] > 0
     ta_state = torch.load(os.path.join(ta_out, "checkpoint_00.pth"), weights_only=False)["model"]
     assert "ta_head.weight" in ta_state and "text_encoder.encoder.layer.5.output.dense.weight" in ta_state

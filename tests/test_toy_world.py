@@ -33,7 +33,7 @@ were drawn by child student teacher computer artist very heavy old expensive war
 for game book school class test at top bottom"""
 CAPTION_VOCAB = SHAPES | COLORS | set(_CAPTION_WORDS.split())
 TASK_VOCAB = CAPTION_VOCAB | PLURALS | set(NUMBER_WORDS) | set(_TASK_WORDS.split())
-_FILES = """pretrain pretrain_binding retrieval_train retrieval_val retrieval_test vqa_train vqa_test
+_FILES = """pretrain pretrain_binding pretrain_regions retrieval_train retrieval_val retrieval_test vqa_train vqa_test
 vqa_test_answers answer_list nlvr_train nlvr_val nlvr_test ve_train ve_val ve_test grounding_train
 grounding_train_full grounding_test dets refs scenes manifest nlvr_train_extra"""
 TASK_FILES = [f"{name}.json" for name in _FILES.split()]
@@ -204,6 +204,33 @@ def test_binding_captions_name_a_proper_subset_without_counts(world: Path, scene
     assert {(2, 1), (3, 1), (3, 2)} <= sizes  # every proper subset size occurs
 
 
+def test_region_captions_are_true_of_their_image(world: Path, scenes: dict[str, dict]) -> None:
+    items = load(world, "pretrain_regions.json")
+    train = [i["image"] for i in load(world, "pretrain.json")]
+    assert [i["image"] for i in items] == train + train  # object names, then shape counts
+    sizes = {"small": {"small", "little"}, "large": {"large", "big"}}
+    for item in items[: len(train)]:
+        record = scenes[str(Path(item["image"]).relative_to(world))]
+        named = []
+        for caption in item["caption"]:
+            pair = mentioned_pairs(caption)
+            assert sum(pair.values()) == 1, caption
+            named.append(next(iter(pair)))
+            if len(words(caption)) == 4:  # "a big red star": the size word is the object's
+                assert any(words(caption)[1] in sizes[o["size"]] for o in record["objects"]
+                           if (o["color"], o["shape"]) == named[-1]), caption
+        assert Counter(named) == Counter({p: 3 * n for p, n in scene_pairs(record).items()})
+    for item in items[len(train):]:
+        record = scenes[str(Path(item["image"]).relative_to(world))]
+        shapes = Counter(o["shape"] for o in record["objects"])
+        *phrases, total = item["caption"]
+        n = len(record["objects"])
+        assert total == ("one shape" if n == 1 else f"{NUMBER_WORDS[n]} shapes")
+        expected = {f"{'an' if s[0] in 'aeiou' else 'a'} {s}" if k == 1 else f"{NUMBER_WORDS[k]} "
+                    f"{'crosses' if s == 'cross' else s + 's'}" for s, k in shapes.items()}
+        assert sorted(phrases) == sorted(expected)
+
+
 def test_caption_vocabulary(world: Path) -> None:
     names = ["pretrain.json", "pretrain_binding.json", "retrieval_val.json", "retrieval_test.json"]
     captions = [c for captions in field(world, names, "caption") for c in captions]
@@ -220,6 +247,7 @@ def test_task_text_vocabulary(world: Path) -> None:
     texts += load(world, "answer_list.json")
     texts += field(world, [f"{t}_{s}.json" for t in ("nlvr", "ve") for s in SPLITS], "sentence")
     texts += field(world, ["grounding_train.json", "grounding_train_full.json", "grounding_test.json"], "text")
+    texts += [c for captions in field(world, ["pretrain_regions.json"], "caption") for c in captions]
     for text in texts:
         assert set(text.split()) <= TASK_VOCAB, text
 
