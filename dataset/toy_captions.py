@@ -23,6 +23,7 @@ from dataset.toy_scene import (
     ToyObject,
     absent_pair,
     article,
+    counted,
     is_above,
 )
 
@@ -141,8 +142,7 @@ def shape_counts(scene: Scene) -> list[str]:
     """Region captions naming a shape by its count ("a star", "two circles") and the number of shapes."""
     counts = {shape: scene.count(shape=shape) for shape in dict.fromkeys(o.shape for o in scene.objects)}
     phrases = [f"{article(s)} {s}" if n == 1 else f"{NUMBERS[n]} {PLURALS[s]}" for s, n in counts.items()]
-    n = len(scene.objects)
-    return [*phrases, "one shape" if n == 1 else f"{NUMBERS[n]} shapes"]
+    return [*phrases, counted(len(scene.objects))]
 
 
 def build_region_captions(scenes: Sequence[Scene], root: Path) -> list[dict[str, object]]:

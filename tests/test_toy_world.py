@@ -215,6 +215,7 @@ def test_region_captions_are_true_of_their_image(world: Path, scenes: dict[str, 
         for caption in item["caption"]:
             pair = mentioned_pairs(caption)
             assert sum(pair.values()) == 1, caption
+            assert words(caption)[0] == ("an" if words(caption)[1][0] in "aeiou" else "a"), caption
             named.append(next(iter(pair)))
             if len(words(caption)) == 4:  # "a big red star": the size word is the object's
                 assert any(words(caption)[1] in sizes[o["size"]] for o in record["objects"]
