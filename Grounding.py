@@ -22,7 +22,6 @@ verdict), ``output_dir/result/grounding_refs.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -230,6 +229,8 @@ def write_ref_outcomes(output_dir: str, rows: list[dict] | None) -> None:
     analysis (``scripts/toy_grounding_kinds.py`` groups the toy world's by expression kind). ``rows`` None (a
     resumed run whose best epoch was evaluated before the resume): an older file is removed, not left to
     contradict ``grounding_metrics.json``."""
+    from engine import task_run
+
     path = os.path.join(output_dir, "result", "grounding_refs.json")
     if rows is None:
         if os.path.exists(path):
@@ -237,9 +238,7 @@ def write_ref_outcomes(output_dir: str, rows: list[dict] | None) -> None:
         logger.warning("the best epoch was evaluated before this run resumed: no %s (evaluate checkpoint_best.pth "
                        "with --evaluate to write it)", path)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(rows, f)
+    task_run.write_result_file(output_dir, "grounding_refs.json", rows)
     logger.info("per-expression boxes and verdicts: %s", path)
 
 

@@ -18,9 +18,7 @@ The shared classification glue below (step function, evaluator, training and eva
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -221,14 +219,12 @@ def write_predictions(output_dir: str, results: dict, name: str) -> None:
     """Move each split's ``predictions`` out of ``results`` into ``result/<name>_predictions.json`` (rank 0):
     ``{split: [{index, sentence, label, prediction}, ...]}`` of the evaluated weights (training: the best val epoch's,
     or the last weights' without val), for per-item error analysis (``scripts/toy_nlvr_kinds.py``)."""
-    from engine import distributed
+    from engine import distributed, task_run
 
     predictions = {split: results[split].pop("predictions") for split in ("val", "test")
                    if "predictions" in results.get(split, {})}
     if distributed.is_main_process():
-        os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
-        with open(os.path.join(output_dir, "result", f"{name}_predictions.json"), "w", encoding="utf-8") as f:
-            json.dump(predictions, f, indent=1)
+        task_run.write_result_file(output_dir, f"{name}_predictions.json", predictions, indent=1)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,9 +16,7 @@ epoch is evaluated on it and ``val_acc`` picks ``checkpoint_best.pth``, whose an
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -115,7 +113,7 @@ class Evaluator:
         from models.vqa_rank import tokenize_answers
 
         self.config, self.tokenizer, self.answer_list, self.device = config, tokenizer, answer_list, device
-        self.result_dir = os.path.join(output_dir, "result")
+        self.output_dir = output_dir
         self.max_tokens = max_tokens
         self.answers = tokenize_answers(tokenizer, answer_list, config["eos"], max_length=max_tokens)
         self.k = min(config["k_test"], len(answer_list))
@@ -161,12 +159,9 @@ class Evaluator:
         return metrics
 
     def _write(self, name: str, rows: list) -> str:
-        os.makedirs(self.result_dir, exist_ok=True)
-        path = os.path.join(self.result_dir, f"{name}.json")
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(rows, f)
-        os.replace(tmp, path)
+        from engine import task_run
+
+        path = task_run.write_result_file(self.output_dir, f"{name}.json", rows)
         logger.info("wrote %s (%d questions)", path, len(rows))
         return path
 

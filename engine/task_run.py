@@ -63,6 +63,18 @@ def fit_and_test(model: torch.nn.Module, loader: Any, step_fn: Callable, config:
     return results
 
 
+def write_result_file(output_dir: str, name: str, content: Any, indent: int | None = None) -> str:
+    """Write ``content`` as JSON to ``output_dir/result/<name>`` and return that path. The file is written beside
+    its final name and renamed over it, so a crash never leaves half a file. The caller picks the writing rank."""
+    path = os.path.join(output_dir, "result", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=indent)
+    os.replace(tmp, path)
+    return path
+
+
 def write_results(output_dir: str, results: dict, task: str, flatten: Flatten | None = prefixed,
                   round_floats: bool = True) -> None:
     """Write ``result/<task>_metrics.json`` (rank 0) and log the scalar results in one line; ``--evaluate``
@@ -76,7 +88,5 @@ def write_results(output_dir: str, results: dict, task: str, flatten: Flatten | 
     if results.get("mode") == "evaluate":
         logs.append_jsonl(os.path.join(output_dir, "log.txt"), line)
     if distributed.is_main_process():
-        os.makedirs(os.path.join(output_dir, "result"), exist_ok=True)
-        with open(os.path.join(output_dir, "result", f"{task}_metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(rounded(results), f, indent=2)
+        write_result_file(output_dir, f"{task}_metrics.json", rounded(results), indent=2)
     logger.info("%s results: %s", task, json.dumps(rounded(line)))

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 import utils
 from conftest import ROOT
 from dataset import create_loader
-from engine import checkpoint_io, distributed, logs, run_state, signals, trainer
+from engine import checkpoint_io, distributed, logs, run_state, signals, task_run, trainer
 from engine.config import ConfigError, get_parser, load_config
 
 # ------------------------------------------------------------------ a tiny run of fit
@@ -501,3 +501,12 @@ def test_shipped_paths_resolve_from_anywhere_and_the_toy_world_is_used_only_when
 
     assert TextTokenizer("bert-base-uncased").vocab_size == 30522  # the shipped vocabulary, from anywhere
 
+
+def test_result_files_are_replaced_whole(tmp_path) -> None:
+    """task_run.write_result_file: result/<name> as JSON, an older file replaced, no temporary file left over."""
+    first = task_run.write_result_file(str(tmp_path), "x_metrics.json", {"acc": 1.5, "rows": [1, 2]}, indent=2)
+    assert first == str(tmp_path / "result" / "x_metrics.json")
+    assert json.loads((tmp_path / "result" / "x_metrics.json").read_text()) == {"acc": 1.5, "rows": [1, 2]}
+    task_run.write_result_file(str(tmp_path), "x_metrics.json", [3])
+    assert json.loads((tmp_path / "result" / "x_metrics.json").read_text()) == [3]
+    assert sorted(os.listdir(tmp_path / "result")) == ["x_metrics.json"]
