@@ -8,7 +8,8 @@ annotation files of every downstream task in the official ALBEF formats (REFEREN
     pretrain.json            [{"image": ABSOLUTE path, "caption": [str, ...]}], ~10% noisy
     pretrain_binding.json    the same plus 3 captions per image naming some of its objects
     pretrain_regions.json    region descriptions: per training image, one item naming one object per caption,
-                             one naming a shape with its count or the number of objects (optional extra TA data)
+                             one naming a shape with its count or the number of objects (with pretrain.json,
+                             the pre-training that NLVR2's toy runs start from; README)
     retrieval_train.json     [{"image": rel, "caption": str, "image_id": "train_NNNNN"}]
     retrieval_{val,test}.json [{"image": rel, "caption": [5 x str]}]
     vqa_train.json, vqa_test.json, vqa_test_answers.json, answer_list.json
